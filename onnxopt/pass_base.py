@@ -1,0 +1,80 @@
+"""The pass contract: a small in-place onnx_ir pass with a name, options and a fidelity."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from .options import NoOptions
+
+
+class Fidelity(str, enum.Enum):
+    """Whether a pass must keep outputs equal (lossless) or may change them (lossy)."""
+
+    LOSSLESS = "lossless"
+    LOSSY = "lossy"
+
+
+@dataclasses.dataclass
+class PassResult(ir.passes.PassResult):
+    """onnx_ir's result plus statistics: snake_case keys with units (``nodes_removed``)."""
+
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class PassContext:
+    """What the runner hands to a pass: calibration feeds and cached analyses.
+
+    Passes ask the context for analyses instead of recomputing them; the runner
+    invalidates the cache whenever a pass reports that it modified the model.
+    """
+
+    def __init__(self, feeds: list[dict[str, Any]] | None = None, progress: Any = None):
+        self.feeds = feeds or []
+        self.progress = progress
+        self._analyses: dict[Any, Any] = {}
+
+    def analysis(self, key: Any, compute):
+        """Return the cached analysis ``key``, computing it with ``compute()`` on a miss."""
+        if key not in self._analyses:
+            self._analyses[key] = compute()
+        return self._analyses[key]
+
+    def invalidate(self) -> None:
+        self._analyses.clear()
+
+
+class Pass(ir.passes.InPlacePass):
+    """Base of every onnxopt pass.
+
+    Subclasses set ``name`` (kebab-case verb-object), ``Options`` (a frozen dataclass)
+    and implement ``call(model) -> PassResult``. The first docstring line is the
+    summary printed by ``onnxopt passes``. A pass never opens files, parses flags or
+    creates ORT sessions; it keeps no state between calls.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    fidelity_of: ClassVar[Fidelity] = Fidelity.LOSSLESS
+
+    def __init__(self, options: Any = None, context: PassContext | None = None, **kwargs: Any):
+        if options is not None and kwargs:
+            raise TypeError("pass either an options object or keyword options, not both")
+        self.options = options if options is not None else self.Options(**kwargs)
+        self.context = context if context is not None else PassContext()
+
+    @property
+    def fidelity(self) -> Fidelity:
+        """Lossless or lossy for these options; override when it depends on them."""
+        return self.fidelity_of
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
