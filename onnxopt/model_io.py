@@ -1,0 +1,176 @@
+"""Loading and saving models safely.
+
+Loading reads the protobuf without external data, checks every external-data reference
+(confined to the model's directory: no ``..``, absolute paths, symlinks or hard links;
+file present; offset/length inside it) and the graph's structure, then hands the model
+to onnx_ir, whose external tensors are memory-mapped lazily. Saving writes to a
+temporary file in the destination directory and renames it into place; models whose
+weights would not fit a 2 GB protobuf are saved with external data.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from .errors import InputError, UsageError
+from .graph_checks import check_graph_structure
+from .external_data import check_external_data
+
+# Protobuf cannot exceed 2 GiB; stay well below it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def check_model_file(path: Path) -> None:
+    """Refuse anything that is not a readable, non-empty regular file."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"model file not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot access model {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError(f"{path} is a directory, not an ONNX model file")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{path} is not a regular file (FIFO, socket or device); refusing to read it")
+    if info.st_size == 0:
+        raise InputError(f"{path} is empty (0 bytes), not an ONNX model")
+
+
+def read_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model protobuf without external data, after file and structure checks."""
+    path = Path(path)
+    check_model_file(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read model {path}: {exc.strerror}") from None
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{path} is not a valid ONNX protobuf (truncated or corrupt): {exc}") from None
+    del data
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise InputError(f"{path} does not contain an ONNX model (no graph or IR version)")
+    _check_versions(proto, path)
+    check_external_data(proto, path.parent)
+    check_graph_structure(proto, path)
+    return proto
+
+
+def _check_versions(proto: onnx.ModelProto, path: Path) -> None:
+    if proto.ir_version > onnx.IR_VERSION:
+        raise InputError(
+            f"{path} uses IR version {proto.ir_version}, newer than this onnx supports ({onnx.IR_VERSION})"
+        )
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise InputError(
+                f"{path} imports opset {opset.version}, newer than this onnx supports ({newest})"
+            )
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load a model as onnx_ir, external tensors memory-mapped lazily after safety checks."""
+    path = Path(path)
+    proto = read_proto(path)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # onnx_ir raises several types on malformed graphs
+        raise InputError(f"{path} cannot be read as an ONNX graph: {exc}") from None
+    ir.external_data.set_base_dir(model.graph, path.parent.resolve())
+    return model
+
+
+def _weights_bytes(model: ir.Model) -> int:
+    from .graph_walk import all_graphs
+
+    total = 0
+    for graph in all_graphs(model):
+        for value in getattr(graph, "initializers", {}).values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain == "":
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                total += attr.as_tensor().nbytes
+    return total
+
+
+def needs_external_data(model: ir.Model) -> bool:
+    return _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    protect: tuple[str | os.PathLike, ...] = (),
+    external_data: bool | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; never over a path listed in ``protect``.
+
+    ``external_data=None`` decides by size: weights over ~1.8 GB go to ``<name>.data``
+    beside the model (the only way past protobuf's 2 GB limit).
+    """
+    path = Path(path)
+    for guarded in protect:
+        if path.exists() and same_file(path, guarded):
+            raise UsageError(f"refusing to overwrite the input model {guarded}; choose another -o path or pass --in-place")
+    if path.exists() and path.is_dir():
+        raise UsageError(f"output path {path} is a directory")
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise UsageError(f"output directory {directory} does not exist")
+    use_external = needs_external_data(model) if external_data is None else external_data
+    data_name = path.name + ".data"
+    if use_external:
+        for guarded in protect:
+            guarded_data = Path(guarded).parent / data_name
+            if (directory / data_name).exists() and same_file(directory / data_name, guarded_data):
+                raise UsageError(f"refusing to overwrite {guarded_data}, which the input model reads")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        if use_external:
+            ir.save(model, tmp_name, external_data=data_name)
+        else:
+            _save_inline(model, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return path
+
+
+def _save_inline(model: ir.Model, tmp_name: str) -> None:
+    """Serialize with every tensor embedded: external tensors are read into the protobuf."""
+    proto = ir.to_proto(model)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _proto_tensors(proto)):
+        model = ir.external_data.load_to_model(model)
+        proto = ir.to_proto(model)
+    with open(tmp_name, "wb") as handle:
+        handle.write(proto.SerializeToString())
+
+
+def _proto_tensors(proto: onnx.ModelProto):
+    from .external_data import iter_tensors
+
+    return iter_tensors(proto)

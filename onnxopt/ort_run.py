@@ -1,0 +1,138 @@
+"""ONNX Runtime sessions for validation and calibration.
+
+Sessions used to *check* a rewrite run with ORT's graph optimizations disabled, so that
+ORT cannot mask (or add) a rewrite; MatMulNBits accuracy level 0 keeps activations in
+float where ORT would otherwise quantize them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from .errors import InputError
+
+# Models whose serialized protobuf would exceed this are handed to ORT as files.
+_IN_MEMORY_LIMIT = 1_500_000_000
+
+
+def session_options(optimized: bool = False, threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def _has_external_tensors(model: ir.Model) -> bool:
+    from .graph_walk import all_graphs
+
+    for graph in all_graphs(model):
+        for value in getattr(graph, "initializers", {}).values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                return True
+    return False
+
+
+def _approx_bytes(model: ir.Model) -> int:
+    from .graph_walk import all_graphs
+
+    total = 0
+    for graph in all_graphs(model):
+        for value in getattr(graph, "initializers", {}).values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def make_session(
+    model: ir.Model | str | os.PathLike,
+    *,
+    optimized: bool = False,
+    threads: int | None = None,
+    extra_outputs: Sequence[str] = (),
+) -> ort.InferenceSession:
+    """An ORT CPU session for an IR model or a model file.
+
+    ``extra_outputs`` names intermediate values to expose as additional outputs (for
+    calibration and per-tensor comparison); their types are taken from the IR.
+    """
+    options = session_options(optimized, threads)
+    if isinstance(model, (str, os.PathLike)) and not extra_outputs:
+        return _session_from(str(model), options)
+    if not isinstance(model, ir.Model):
+        from .model_io import load_model
+
+        model = load_model(model)
+    if extra_outputs:
+        model = _with_extra_outputs(model, extra_outputs)
+    if _has_external_tensors(model) or _approx_bytes(model) > _IN_MEMORY_LIMIT:
+        with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            ir.save(model, path, external_data="model.onnx.data")
+            return _session_from(str(path), options)
+    return _session_from(ir.to_proto(model).SerializeToString(), options)
+
+
+def _session_from(source, options: ort.SessionOptions) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types without a common base
+        raise InputError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _with_extra_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of the model whose main graph also outputs the named values."""
+    model = model.clone()
+    by_name = {}
+    for node in model.graph:
+        for out in node.outputs:
+            by_name[out.name] = out
+    for value in model.graph.inputs:
+        by_name[value.name] = value
+    existing = {v.name for v in model.graph.outputs}
+    for name in names:
+        if name in existing:
+            continue
+        if name not in by_name:
+            raise KeyError(f"no value named '{name}' in the main graph")
+        model.graph.outputs.append(by_name[name])
+        existing.add(name)
+    return model
+
+
+def run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run one feed; returns outputs by name. Extra feed keys the model lacks are an error."""
+    input_names = {i.name for i in session.get_inputs()}
+    missing = input_names - feed.keys()
+    if missing:
+        raise InputError(f"data has no array for model input(s): {', '.join(sorted(missing))}")
+    unknown = feed.keys() - input_names
+    if unknown:
+        raise InputError(f"data has arrays the model has no input for: {', '.join(sorted(unknown))}")
+    names = [o.name for o in session.get_outputs()]
+    try:
+        values = session.run(names, feed)
+    except Exception as exc:
+        raise InputError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
+    return dict(zip(names, values))
+
+
+def run_all(session: ort.InferenceSession, feeds: Iterable[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    return [run(session, feed) for feed in feeds]

@@ -1,0 +1,255 @@
+"""The pass runner: runs a pipeline, checks every step, rolls back what breaks the model.
+
+Per step: snapshot, run the pass, then structural verification and ORT validation
+against reference outputs computed once from the original. A lossless pass must match
+within float rounding; a lossy pass must stay within the budget. A step that fails is
+rolled back from its snapshot and reported with the reason. Instruments observe the
+run (dumps, custom hooks) and never edit the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from .errors import OnnxoptError
+from .metrics import Budget, Tolerance
+from .model_stats import ModelStats, model_stats, op_delta
+from .options import non_default_items, format_value
+from .pass_base import Fidelity, PassContext
+from .progress import Progress
+from .registry import Registry, default_registry
+from .reproducer import write_reproducer
+from .spec import PassSpec, pipeline_text
+from .validation import Comparison, Validator
+from .verify import structural_problems
+
+Status = Literal["ok", "skipped", "rolled_back", "failed"]
+
+
+@dataclass
+class StepReport:
+    index: int
+    name: str
+    spec: str
+    options: dict
+    fidelity: str
+    status: Status = "ok"
+    modified: bool = False
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    op_delta: dict = field(default_factory=dict)
+    fidelity_metrics: dict | None = None
+    reason: str | None = None
+
+
+@dataclass
+class RunConfig:
+    validate: Literal["each", "end", "off"] = "each"
+    budget: Budget = field(default_factory=Budget)
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    keep_going: bool = False
+    bisect_limit: int | None = None
+    dump_dir: Path | None = None
+    reproducer_dir: Path | None = None
+    verify_structure: bool = True
+
+
+@dataclass
+class RunResult:
+    model: ir.Model
+    steps: list[StepReport]
+    pipeline: str
+    final: Comparison | None = None
+    crash: str | None = None
+    reproducer: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        if self.crash:
+            return False
+        if any(s.status in ("failed", "rolled_back") for s in self.steps):
+            return False
+        return self.final is None or (self.final.error is None and not self.final.breaches)
+
+
+class Instrument:
+    """Observes the run. Hooks receive the live model and must not modify it."""
+
+    def before_pass(self, step: StepReport, model: ir.Model) -> None:
+        pass
+
+    def after_pass(self, step: StepReport, model: ir.Model) -> None:
+        pass
+
+    def on_failure(self, step: StepReport, model_before: ir.Model, error: BaseException) -> None:
+        pass
+
+
+class DumpInstrument(Instrument):
+    """Writes the model after each pass as ``NNN_name.onnx`` (for ``onnxopt diff``)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def after_pass(self, step: StepReport, model: ir.Model) -> None:
+        from .model_io import save_model
+
+        save_model(model, self.directory / f"{step.index:03d}_{step.name}.onnx")
+
+
+class Runner:
+    def __init__(self, specs: list[PassSpec], config: RunConfig | None = None,
+                 instruments: list[Instrument] | None = None, registry: Registry | None = None,
+                 progress: Progress | None = None):
+        self.specs = list(specs)
+        self.config = config or RunConfig()
+        self.instruments = list(instruments or [])
+        if self.config.dump_dir:
+            self.instruments.append(DumpInstrument(self.config.dump_dir))
+        self.registry = registry or default_registry()
+        self.progress = progress or Progress()
+
+    def run(self, model: ir.Model, feeds: list[dict[str, np.ndarray]],
+            calibration_feeds: list[dict[str, np.ndarray]] | None = None) -> RunResult:
+        config = self.config
+        result = RunResult(model=model, steps=[], pipeline=pipeline_text(self.specs))
+        validator = None
+        if config.validate != "off":
+            original = model.clone() if config.validate == "end" else model
+            validator = Validator(original, feeds, config.tolerance, self.progress)
+        baseline_problems = set(structural_problems(model)) if config.verify_structure else set()
+        if baseline_problems:
+            result.notes.append(f"the input model already fails structural checks: {sorted(baseline_problems)[0]}")
+        context = PassContext(calibration_feeds if calibration_feeds is not None else feeds, self.progress)
+        limit = len(self.specs) if config.bisect_limit is None else max(0, config.bisect_limit)
+        stopped = False
+        pipeline_task = self.progress.add("pipeline", len(self.specs))
+        for index, spec in enumerate(self.specs):
+            step = self._new_step(index, spec, context)
+            result.steps.append(step)
+            if index >= limit or stopped:
+                step.status = "skipped"
+                step.reason = "beyond --bisect-limit" if index >= limit else "an earlier pass failed"
+                continue
+            model, stop = self._run_step(model, spec, step, context, validator, baseline_problems, result)
+            stopped = stopped or stop
+            self.progress.advance(pipeline_task)
+        self.progress.done(pipeline_task)
+        result.model = model
+        if validator is not None and config.validate == "end" and not result.crash:
+            lossy = any(s.fidelity == Fidelity.LOSSY.value and s.status == "ok" for s in result.steps)
+            final = validator.compare(model, config.budget if lossy else None, "final")
+            if not lossy and not final.equal and final.error is None:
+                final.breaches.append("outputs changed beyond float rounding")
+            result.final = final
+        return result
+
+    def _new_step(self, index: int, spec: PassSpec, context: PassContext) -> StepReport:
+        pass_ = spec.make_pass(self.registry, context)
+        options = {k: (format_value(v) if isinstance(v, tuple) else v) for k, v in non_default_items(spec.options)}
+        return StepReport(index=index, name=spec.name, spec=spec.text(), options=options,
+                          fidelity=pass_.fidelity.value)
+
+    def _run_step(self, model, spec, step, context, validator, baseline_problems, result):
+        """Run one step; returns the model to continue with and whether to stop."""
+        pass_ = spec.make_pass(self.registry, context)
+        task = self.progress.add(f"pass {spec.name}", None)
+        before = model_stats(model)
+        snapshot = model.clone()
+        for instrument in self.instruments:
+            instrument.before_pass(step, model)
+        start = time.perf_counter()
+        try:
+            pass_result = pass_(model)
+        except OnnxoptError as exc:
+            step.seconds = time.perf_counter() - start
+            self.progress.done(task)
+            return self._fail(step, snapshot, "failed", f"{type(exc).__name__}: {exc}", context)
+        except Exception as exc:  # an unexpected crash: leave a reproducer
+            step.seconds = time.perf_counter() - start
+            self.progress.done(task)
+            remaining = pipeline_text(self.specs[step.index:])
+            for instrument in self.instruments:
+                instrument.on_failure(step, snapshot, exc)
+            path = write_reproducer(self.config.reproducer_dir, snapshot, remaining, exc)
+            result.reproducer = str(path)
+            result.crash = f"pass '{spec.name}' crashed ({type(exc).__name__}: {exc}); reproducer written to {path}"
+            step.status, step.reason = "failed", f"crashed: {type(exc).__name__}: {exc}"
+            return snapshot, True
+        step.seconds = time.perf_counter() - start
+        self.progress.done(task)
+        model = pass_result.model
+        after = model_stats(model)
+        step.modified = bool(pass_result.modified)
+        step.stats = _jsonable(pass_result.stats)
+        step.before, step.after, step.op_delta = before.as_dict(), after.as_dict(), op_delta(before, after)
+        reason = self._check(step, model, before, after, validator, baseline_problems, pass_.fidelity)
+        if reason:
+            return self._fail(step, snapshot, "rolled_back" if pass_.fidelity == Fidelity.LOSSY else "failed",
+                              reason, context)
+        if step.modified:
+            context.invalidate()
+        for instrument in self.instruments:
+            instrument.after_pass(step, model)
+        return model, False
+
+    def _check(self, step, model, before: ModelStats, after: ModelStats, validator, baseline_problems, fidelity):
+        if not step.modified:
+            if before.fingerprint() != after.fingerprint():
+                return "the pass reported no change but the model changed"
+            return None
+        if self.config.verify_structure:
+            new_problems = [p for p in structural_problems(model) if p not in baseline_problems]
+            if new_problems:
+                return "structural check: " + new_problems[0]
+        if validator is None or self.config.validate != "each":
+            return None
+        budget = self.config.budget if fidelity == Fidelity.LOSSY else None
+        comparison = validator.compare(model, budget, step.name)
+        step.fidelity_metrics = _jsonable(comparison.metrics)
+        if comparison.error:
+            return f"ORT cannot run the rewritten model: {comparison.error}"
+        if fidelity == Fidelity.LOSSLESS and not comparison.equal:
+            worst = comparison.worst()
+            return (f"a lossless pass changed outputs beyond float rounding "
+                    f"(max_abs {worst.get('max_abs', float('nan')):.3g})")
+        if comparison.breaches:
+            return "budget exceeded: " + "; ".join(comparison.breaches[:3])
+        return None
+
+    def _fail(self, step, snapshot, status, reason, context):
+        step.status, step.reason = status, reason
+        step.modified = False
+        context.invalidate()
+        return snapshot, not self.config.keep_going
+
+
+def _jsonable(value):
+    """Stats and metrics made JSON-safe (numpy scalars, tuples, inf/nan as strings)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        number = float(value)
+        if number != number or number in (float("inf"), float("-inf")):
+            return str(number)
+        return number
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    return value

@@ -1,0 +1,89 @@
+"""ORT validation: reference outputs computed once, every candidate compared against them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from . import ort_run
+from .metrics import Budget, Tolerance, output_metrics
+
+
+@dataclass
+class Comparison:
+    """How a candidate model's outputs compare with the reference."""
+
+    metrics: dict[str, dict] = field(default_factory=dict)
+    equal: bool = True
+    breaches: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def worst(self) -> dict[str, float | None]:
+        """The worst value of each metric across outputs."""
+        worst: dict[str, float | None] = {}
+        for metrics in self.metrics.values():
+            for key, value in metrics.items():
+                if not isinstance(value, (int, float)) or value is None:
+                    continue
+                current = worst.get(key)
+                if current is None:
+                    worst[key] = value
+                elif key in ("max_abs", "max_rel"):
+                    worst[key] = max(current, value)
+                else:
+                    worst[key] = min(current, value)
+        return worst
+
+
+class Validator:
+    """Runs the original once, then compares any candidate on the same feeds.
+
+    Sessions run with ORT graph optimizations disabled so ORT cannot mask a broken rewrite.
+    """
+
+    def __init__(self, reference_model: ir.Model, feeds: list[dict[str, np.ndarray]],
+                 tolerance: Tolerance | None = None, progress=None):
+        self.feeds = feeds
+        self.tolerance = tolerance or Tolerance()
+        self.progress = progress
+        session = ort_run.make_session(reference_model)
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.reference = self._run(session, "reference")
+
+    def _run(self, session, label: str) -> dict[str, list[np.ndarray]]:
+        per_output: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
+        task = self.progress.add(f"validate {label}", len(self.feeds)) if self.progress else None
+        for feed in self.feeds:
+            outputs = ort_run.run(session, feed)
+            for name in self.output_names:
+                per_output[name].append(outputs[name])
+            if task is not None:
+                self.progress.advance(task)
+        if task is not None:
+            self.progress.done(task)
+        return per_output
+
+    def outputs_of(self, model: ir.Model, label: str = "candidate") -> dict[str, list[np.ndarray]]:
+        session = ort_run.make_session(model)
+        names = [o.name for o in session.get_outputs()]
+        if names != self.output_names:
+            raise ValueError(f"outputs changed: {self.output_names} -> {names}")
+        return self._run(session, label)
+
+    def compare(self, model: ir.Model, budget: Budget | None = None, label: str = "candidate") -> Comparison:
+        from .errors import InputError
+
+        try:
+            candidate = self.outputs_of(model, label)
+        except (InputError, ValueError) as exc:
+            return Comparison(equal=False, error=str(exc), breaches=[str(exc)])
+        result = Comparison()
+        for name in self.output_names:
+            result.metrics[name] = output_metrics(self.reference[name], candidate[name])
+            if not self.tolerance.allows(self.reference[name], candidate[name]):
+                result.equal = False
+        if budget:
+            result.breaches = budget.breaches(result.metrics)
+        return result

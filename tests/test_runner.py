@@ -1,0 +1,137 @@
+"""The runner: validation per pass, rollback, bisect limit, dumps, reproducers, reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from onnxopt import api
+from onnxopt.model_io import load_model
+from tests.core_passes import core_registry
+
+REG = core_registry()
+
+
+def _optimize(mlp_path, tmp_path, passes, **kwargs):
+    return api.optimize(mlp_path, tmp_path / "out.onnx", passes, registry=REG, **kwargs)
+
+
+def test_lossless_pass_validates_and_writes_output(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["name-nodes"], report=tmp_path / "r.json")
+    assert result.ok
+    step = result.report["passes"][0]
+    assert step["status"] == "ok" and step["modified"] and step["stats"] == {"nodes_named": 9}
+    assert step["fidelity_metrics"]["probs"]["max_abs"] == 0.0
+    assert all(n.name for n in load_model(tmp_path / "out.onnx").graph)
+    assert json.loads((tmp_path / "r.json").read_text())["report_version"] == 1
+
+
+def test_noop_pass_is_not_validated_again(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["name-nodes", "name-nodes"])
+    second = result.report["passes"][1]
+    assert second["status"] == "ok" and not second["modified"] and second["fidelity_metrics"] is None
+
+
+def test_lossy_pass_within_budget_is_kept_with_fidelity(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["perturb-weights:scale=0.0001"], budget="cosine=0.999")
+    step = result.report["passes"][0]
+    assert result.ok and step["status"] == "ok" and step["fidelity"] == "lossy"
+    assert 0.999 <= step["fidelity_metrics"]["probs"]["cosine"] < 1.0
+
+
+def test_lossy_pass_over_budget_is_rolled_back(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["perturb-weights:scale=0.5", "name-nodes"], budget="snr_db=40")
+    first, second = result.report["passes"]
+    assert not result.ok
+    assert first["status"] == "rolled_back" and "budget exceeded" in first["reason"] and "snr_db" in first["reason"]
+    assert second["status"] == "skipped"
+    assert not (tmp_path / "out.onnx").exists()
+    assert "rolled back" in api.failure_summary(result.run)
+
+
+def test_keep_going_continues_after_rollback_and_writes_the_rest(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["perturb-weights:scale=0.5", "name-nodes"], budget="snr_db=40",
+                       keep_going=True)
+    first, second = result.report["passes"]
+    assert first["status"] == "rolled_back" and second["status"] == "ok"
+    out = load_model(tmp_path / "out.onnx")
+    original = load_model(mlp_path)
+    for name, value in original.graph.initializers.items():  # the rolled-back weights are the originals
+        assert (out.graph.initializers[name].const_value.numpy() == value.const_value.numpy()).all()
+
+
+def test_lossless_pass_that_changes_outputs_fails(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["break-weights:scale=0.3"])
+    step = result.report["passes"][0]
+    assert step["status"] == "failed" and "beyond float rounding" in step["reason"]
+
+
+def test_pass_that_lies_about_modification_is_caught(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["lying-pass"])
+    assert result.report["passes"][0]["reason"] == "the pass reported no change but the model changed"
+
+
+def test_bisect_limit_runs_only_the_first_passes(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["name-nodes", "perturb-weights"], bisect_limit=1)
+    statuses = [s["status"] for s in result.report["passes"]]
+    assert statuses == ["ok", "skipped"] and result.ok
+    assert result.report["passes"][1]["reason"] == "beyond --bisect-limit"
+
+
+def test_crash_writes_a_reproducer(mlp_path, tmp_path):
+    repro = tmp_path / "repro"
+    result = _optimize(mlp_path, tmp_path, ["name-nodes", "crash", "perturb-weights:scale=0.5"],
+                       reproducer_dir=repro)
+    assert not result.ok and "reproducer written to" in result.run.crash
+    assert (repro / "pipeline.txt").read_text().strip() == "crash perturb-weights:scale=0.5"
+    assert "onnxruntime" in json.loads((repro / "versions.json").read_text())
+    assert "ZeroDivisionError" in (repro / "traceback.txt").read_text()
+    before = load_model(repro / "model_before.onnx")
+    assert all(n.name for n in before.graph)  # the model as it was after name-nodes
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_dump_dir_writes_each_pass(mlp_path, tmp_path):
+    _optimize(mlp_path, tmp_path, ["name-nodes", "perturb-weights:scale=0.001"], dump_dir=tmp_path / "dumps")
+    assert sorted(p.name for p in (tmp_path / "dumps").iterdir()) == ["000_name-nodes.onnx", "001_perturb-weights.onnx"]
+
+
+def test_validate_end_checks_only_the_final_model(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["perturb-weights:scale=0.5"], validate="end", budget="snr_db=40")
+    assert result.report["passes"][0]["fidelity_metrics"] is None
+    assert not result.ok and result.run.final.breaches
+
+
+def test_report_schema(mlp_path, tmp_path):
+    report = _optimize(mlp_path, tmp_path, ["name-nodes"]).report
+    assert {"report_version", "versions", "pipeline", "inputs", "passes", "ok", "budget"} <= report.keys()
+    step = report["passes"][0]
+    assert {"name", "options", "status", "modified", "seconds", "stats", "before", "after", "op_delta",
+            "fidelity_metrics"} <= step.keys()
+    assert {"nodes", "initializers", "initializer_bytes", "ops"} <= step["before"].keys()
+    assert report["inputs"]["signature"] == {"x": [[1, 100], "float32"]}
+    json.dumps(report)
+
+
+def test_data_file_feeds_validation(mlp_path, tmp_path):
+    import numpy as np
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((3, 2, 100)).astype(np.float32))
+    report = _optimize(mlp_path, tmp_path, ["name-nodes"], data=data).report
+    assert report["inputs"]["feeds"] == 3 and report["inputs"]["signature"]["x"][0] == [2, 100]
+
+
+def test_wrong_data_is_a_clear_input_error(mlp_path, tmp_path):
+    import numpy as np
+
+    from onnxopt import InputError
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, y=np.zeros((2, 1, 100), np.float32))
+    with pytest.raises(InputError, match="no array for model input"):
+        _optimize(mlp_path, tmp_path, ["name-nodes"], data=data)
+    np.savez(data, x=np.zeros((2, 1, 100), np.float64))
+    with pytest.raises(InputError, match="float64, the model wants float32"):
+        _optimize(mlp_path, tmp_path, ["name-nodes"], data=data)
