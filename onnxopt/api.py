@@ -137,5 +137,19 @@ def validate_models(reference: str | Path, candidate: str | Path, *, data: str |
     return validator.compare(cand_model, budget or None, "candidate")
 
 
+def diff(model_a: str | Path, model_b: str | Path, *, tensors: bool = False, data: str | Path | None = None,
+         dims: dict[str, int] | None = None, samples: int | None = None, tolerance: Tolerance | None = None,
+         progress: Progress | None = None) -> dict:
+    """Structural differences; with ``tensors``, per-tensor numeric comparison and first divergence."""
+    from .diff import structural_diff, tensor_diff
+
+    a, b = load_model(model_a), load_model(model_b)
+    result = {"structure": structural_diff(a, b)}
+    if tensors:
+        feeds, _ = make_feeds(a, data, dims, samples)
+        result["tensors"] = tensor_diff(a, b, feeds, tolerance, progress)
+    return result
+
+
 def inspect(model_path: str | Path) -> dict:
     return inspect_model(load_model(model_path))

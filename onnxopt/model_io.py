@@ -136,8 +136,9 @@ def save_model(
     if path.exists() and path.is_dir():
         raise UsageError(f"output path {path} is a directory")
     directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise UsageError(f"output directory {directory} does not exist")
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"output directory {directory} is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
     use_external = needs_external_data(model) if external_data is None else external_data
     data_name = path.name + ".data"
     if use_external:

@@ -1,0 +1,100 @@
+"""Shared benchmark plumbing: child-process tool runs with peak RSS, alternated latency timing."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def run_child(script: Path, args: list[str]) -> dict:
+    """Run ``script --worker ARGS`` in a fresh process; it prints one JSON line (seconds, peak_rss_mb)."""
+    proc = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def count_nodes(proto: onnx.ModelProto) -> int:
+    def graph_nodes(graph) -> int:
+        total = 0
+        for node in graph.node:
+            total += 1
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    total += graph_nodes(attr.g)
+                for sub in attr.graphs:
+                    total += graph_nodes(sub)
+        return total
+
+    return graph_nodes(proto.graph) + sum(len(f.node) for f in proto.functions)
+
+
+def session(path: Path, threads: int = 1, optimized: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def outputs(path: Path, feeds: list[dict], optimized: bool = False) -> list[list[np.ndarray]]:
+    sess = session(path, optimized=optimized)
+    return [sess.run(None, feed) for feed in feeds]
+
+
+def max_abs_diff(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
+    worst = 0.0
+    for ref_outs, cand_outs in zip(reference, candidate):
+        for ref, cand in zip(ref_outs, cand_outs):
+            if ref.shape != cand.shape:
+                return float("inf")
+            if ref.size:
+                worst = max(worst, float(np.max(np.abs(ref.astype(np.float64) - cand.astype(np.float64)))))
+    return worst
+
+
+def alternated_latency_ms(paths: dict[str, Path], feed: dict, threads: int = 1, rounds: int = 7,
+                          per_round: int = 5) -> dict[str, float]:
+    """Median per-run latency of each model, timing the candidates alternately in one process."""
+    sessions = {name: session(path, threads) for name, path in paths.items()}
+    for sess in sessions.values():
+        sess.run(None, feed)
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                sess.run(None, feed)
+            samples[name].append((time.perf_counter() - start) * 1000 / per_round)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(_cell(row.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
