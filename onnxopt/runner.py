@@ -26,6 +26,7 @@ from .pass_base import Fidelity, PassContext
 from .progress import Progress
 from .registry import Registry, default_registry
 from .reproducer import write_reproducer
+from .snapshot import snapshot as take_snapshot
 from .spec import PassSpec, pipeline_text
 from .validation import Comparison, Validator
 from .verify import structural_problems
@@ -126,7 +127,7 @@ class Runner:
         result = RunResult(model=model, steps=[], pipeline=pipeline_text(self.specs))
         validator = None
         if config.validate != "off":
-            original = model.clone() if config.validate == "end" else model
+            original = take_snapshot(model) if config.validate == "end" else model
             validator = Validator(original, feeds, config.tolerance, self.progress)
         baseline_problems = set(structural_problems(model)) if config.verify_structure else set()
         if baseline_problems:
@@ -166,7 +167,7 @@ class Runner:
         pass_ = spec.make_pass(self.registry, context)
         task = self.progress.add(f"pass {spec.name}", None)
         before = model_stats(model)
-        snapshot = model.clone()
+        snapshot = take_snapshot(model)
         for instrument in self.instruments:
             instrument.before_pass(step, model)
         start = time.perf_counter()

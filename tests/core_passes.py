@@ -75,5 +75,18 @@ class CrashPass(Pass):
 
 
 def core_registry() -> Registry:
-    return Registry([RenameNodesPass, PerturbWeightsPass, BreakWeightsPass, LyingPass, CrashPass],
+    return Registry([RenameNodesPass, PerturbWeightsPass, BreakWeightsPass, LyingPass, CrashPass, RetypeToHalfPass],
                     {"tidy": ["name-nodes"]})
+
+
+class RetypeToHalfPass(Pass):
+    """Mutates value types in place (breaks the model): rollback must restore them."""
+
+    name = "retype-half"
+    fidelity_of = Fidelity.LOSSY
+
+    def call(self, model):
+        for node in model.graph:
+            for out in node.outputs:
+                out.dtype = ir.DataType.FLOAT16
+        return PassResult(model, True, {})

@@ -135,3 +135,10 @@ def test_wrong_data_is_a_clear_input_error(mlp_path, tmp_path):
     np.savez(data, x=np.zeros((2, 1, 100), np.float64))
     with pytest.raises(InputError, match="float64, the model wants float32"):
         _optimize(mlp_path, tmp_path, ["name-nodes"], data=data)
+
+
+def test_rollback_restores_types_a_pass_edited_in_place(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["retype-half"], keep_going=True)
+    assert result.report["passes"][0]["status"] == "rolled_back"
+    out = load_model(tmp_path / "out.onnx")
+    assert {str(n.outputs[0].dtype) for n in out.graph if n.outputs[0].dtype is not None} == {"FLOAT"}
