@@ -153,12 +153,20 @@ def save_model(
             ir.save(model, tmp_name, external_data=data_name)
         else:
             _save_inline(model, tmp_name)
+        os.chmod(tmp_name, default_file_mode())
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
     return path
+
+
+def default_file_mode() -> int:
+    """0o666 less the umask: what a plain open() would have created (mkstemp uses 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _save_inline(model: ir.Model, tmp_name: str) -> None:

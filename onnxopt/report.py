@@ -46,28 +46,32 @@ def write_report(report: dict, path: str | Path) -> Path:
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2, default=str)
         handle.write("\n")
+    from .model_io import default_file_mode
+
+    os.chmod(tmp, default_file_mode())
     os.replace(tmp, path)
     return path
 
 
 def _fmt_metric(metrics: dict | None) -> str:
+    """Worst-output fidelity in a few characters: "exact", or SNR and cosine."""
     if not metrics:
         return "-"
-    worst_abs, worst_cos, worst_snr = 0.0, 1.0, None
+    worst_abs, worst_cos, worst_snr = 0.0, 1.0, float("inf")
     for values in metrics.values():
-        worst_abs = max(worst_abs, _num(values.get("max_abs")))
-        if values.get("cosine") is not None:
-            worst_cos = min(worst_cos, _num(values.get("cosine")))
-        if values.get("snr_db") is not None:
-            snr = _num(values.get("snr_db"))
-            worst_snr = snr if worst_snr is None else min(worst_snr, snr)
-    snr_text = "" if worst_snr is None else (" snr inf" if worst_snr == float("inf") else f" snr {worst_snr:.1f}dB")
-    return f"max|d| {worst_abs:.2g} cos {worst_cos:.5f}{snr_text}"
+        worst_abs = max(worst_abs, _num(values.get("max_abs"), 0.0))
+        worst_cos = min(worst_cos, _num(values.get("cosine"), 1.0))
+        worst_snr = min(worst_snr, _num(values.get("snr_db"), float("inf")))
+    if worst_abs == 0.0:
+        return "exact"
+    if worst_snr == float("inf"):
+        return f"max|d| {worst_abs:.2g}"
+    return f"snr {worst_snr:.1f}dB cos {worst_cos:.5f}"
 
 
-def _num(value) -> float:
+def _num(value, default: float) -> float:
     if value is None:
-        return 0.0
+        return default
     return float(value)
 
 
@@ -76,27 +80,36 @@ def render_table(report: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
-    table = Table(title=f"onnxopt: {report['pipeline'] or '(no passes)'}")
-    for column in ("#", "pass", "status", "changed", "seconds", "nodes", "weights", "fidelity"):
-        table.add_column(column, justify="right" if column in ("#", "seconds") else "left")
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=130)
+    table = Table(title=f"onnxopt: {len(report['passes'])} passes", title_justify="left")
+    for column in ("#", "pass", "status", "time", "nodes", "weights", "fidelity"):
+        table.add_column(column, justify="right" if column in ("#", "time") else "left",
+                         no_wrap=column != "pass", min_width=16 if column == "pass" else None,
+                         overflow="fold")
+    reasons = []
     for step in report["passes"]:
         before, after = step.get("before") or {}, step.get("after") or {}
         nodes = f"{before.get('nodes', '-')}→{after.get('nodes', '-')}" if before else "-"
         weights = (f"{_mb(before.get('initializer_bytes', 0) + before.get('constant_bytes', 0))}→"
                    f"{_mb(after.get('initializer_bytes', 0) + after.get('constant_bytes', 0))}") if before else "-"
-        status = step["status"] if not step.get("reason") else f"{step['status']}: {step['reason']}"
         style = {"ok": "green", "skipped": "dim", "rolled_back": "yellow", "failed": "red"}[step["status"]]
-        table.add_row(str(step["index"]), step["spec"], f"[{style}]{status}[/{style}]",
-                      "yes" if step["modified"] else "no", f"{step['seconds']:.2f}", nodes, weights,
-                      _fmt_metric(step.get("fidelity_metrics")))
+        status = step["status"] if step["modified"] or step["status"] != "ok" else "ok (no change)"
+        table.add_row(str(step["index"]), step["spec"], f"[{style}]{status}[/{style}]", f"{step['seconds']:.2f}s",
+                      nodes, weights, _fmt_metric(step.get("fidelity_metrics")))
+        if step.get("reason") and step["status"] != "skipped":
+            reasons.append(f"#{step['index']} {step['name']}: {step['reason']}")
     console.print(table)
+    for reason in reasons:
+        console.print(reason, markup=False)
     final = report.get("final_validation")
     if final:
         console.print(f"final validation: {'ok' if not final['breaches'] and not final['error'] else 'FAILED'} "
                       f"{_fmt_metric(final.get('metrics'))}")
     for note in report.get("notes", []):
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
 
 
 def _mb(count: int) -> str:
