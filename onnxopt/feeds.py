@@ -45,9 +45,16 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         shape = None
         if value.shape is not None:
-            shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+            shape = tuple(_dim(d) for d in value.shape)
         specs.append(InputSpec(value.name, np.dtype(dtype), shape))
     return specs
+
+
+def _dim(dim) -> int | str | None:
+    """A fixed size, a symbolic name, or None (unknown; exporters also write -1 for it)."""
+    if isinstance(dim, int):
+        return dim if dim >= 0 else None
+    return dim.value or None
 
 
 def load_data(path: str | Path, specs: list[InputSpec], limit: int | None = None) -> list[dict[str, np.ndarray]]:
