@@ -1,9 +1,11 @@
 """The default-domain opset of a model, and upgrading it when a pass needs newer operators.
 
-``ensure_opset`` tries onnxscript's version converter on the IR (it supports targets
-18 and newer), then onnx's C++ version converter through a protobuf round trip at this
-boundary. Either way the model object is updated in place, and a failure is a
-``UsageError`` naming the versions involved, never a silently unconverted model.
+``ensure_opset`` tries onnx's C++ version converter through a protobuf round trip at this
+boundary, then onnxscript's IR version converter (targets 18 and newer; it inlines
+functions). onnxscript 0.7 leaves some nodes unconverted without an error (Split's
+``split`` attribute, 11 -> 18), so every result must pass onnx's checker before it
+replaces the model in place. A failure is a ``UsageError`` naming the versions and each
+converter's complaint, never a silently broken or unconverted model.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ def min_ir_version(opset: int) -> int:
 def ensure_opset(model: ir.Model, minimum: int) -> bool:
     """Upgrade ``model`` in place to default opset ``minimum`` if it is older; return whether it did.
 
-    Also raises the IR version to the minimum that opset needs. Functions are inlined
-    by the converter when it has to rewrite them.
+    Also raises the IR version to the minimum that opset needs. Raises ``UsageError`` when
+    no converter produces a model that passes onnx's checker.
     """
     current = default_opset(model)
     if current >= minimum:
@@ -48,17 +50,17 @@ def ensure_opset(model: ir.Model, minimum: int) -> bool:
         )
     errors = []
     converted = None
-    try:
-        converted = _convert_with_onnxscript(model, minimum)
-    except Exception as exc:  # noqa: BLE001 - collected and reported below
-        errors.append(f"onnxscript: {exc}")
-    if converted is None:
+    for label, convert in (("onnx", _convert_with_onnx), ("onnxscript", _convert_with_onnxscript)):
         try:
-            converted = _convert_with_onnx(model, minimum)
-        except Exception as exc:  # noqa: BLE001 - collected and reported below
-            errors.append(f"onnx: {exc}")
-    if converted is None or default_opset(converted) < minimum:
-        detail = "; ".join(errors) or "the converter left the opset unchanged"
+            candidate = convert(model, minimum)
+            if candidate is not None:
+                _check(candidate, minimum)
+                converted = candidate
+                break
+        except Exception as exc:  # noqa: BLE001 - every attempt's failure is reported below
+            errors.append(f"{label}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+    if converted is None:
+        detail = "; ".join(errors) or "no converter available"
         raise UsageError(
             f"cannot upgrade the model from opset {current} to opset {minimum}: {detail}. "
             f"Convert it with a newer exporter, or choose options that need opset {current} or less"
@@ -84,6 +86,14 @@ def _convert_with_onnx(model: ir.Model, target: int) -> ir.Model:
     proto = ir.to_proto(model)
     converted = onnx.version_converter.convert_version(proto, target)
     return ir.from_proto(converted)
+
+
+def _check(model: ir.Model, minimum: int) -> None:
+    """The converted model must have the opset and pass onnx's checker (converters can leave stale nodes)."""
+    if default_opset(model) < minimum:
+        raise ValueError(f"the converter left opset {default_opset(model)}")
+    model.ir_version = max(model.ir_version, min_ir_version(minimum))
+    onnx.checker.check_model(ir.to_proto(model))
 
 
 def _replace_contents(model: ir.Model, source: ir.Model) -> None:

@@ -161,7 +161,15 @@ def _value_graph(value: ir.Value, owners: dict[int, ir.Node]):
     producer = value.producer()
     if producer is not None:
         return producer.graph
-    return value.graph
+    if value.graph is not None:
+        return value.graph
+    uses = list(value.uses())  # a function input knows no graph: take its outermost consumer's
+    if not uses:
+        return None
+    node = uses[0].node
+    while id(node.graph) in owners:
+        node = owners[id(node.graph)]
+    return node.graph
 
 
 def _lift(node: ir.Node, graph, owners: dict[int, ir.Node]) -> ir.Node | None:

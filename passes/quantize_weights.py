@@ -1,0 +1,369 @@
+"""quantize-weights: store float weights as low-bit integers, dequantized at run time.
+
+The weight input of MatMul (B), Gemm (B), Conv (W) and Gather (data) becomes a
+quantized constant behind a DequantizeLinear node (2, 4 and 8 bits), or for ``bits=1``
+a bit-packed sign tensor unpacked with BitShift/Mod/Where and scaled per output channel.
+Weights are found as initializers or Constant nodes of every graph (If/Loop/Scan bodies
+and functions too); a weight captured by a subgraph from an outer scope is quantized
+where it is stored. New constants are stored the way the weight was (initializer or
+Constant node). Weights already behind DequantizeLinear, and MatMulNBits/QLinear ops,
+have no float weight input and are left alone. Blocked Conv weights are stored as
+[M, C/group * kernel] and reshaped back, so blocks span the whole reduction (a depthwise
+kernel gets one block, not one scale per weight). Formats needing a newer opset upgrade
+the model (``upgrade_opset``); a function importing an older opset is skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.errors import UsageError
+from onnxopt.graph_walk import all_graphs
+from onnxopt.opset import default_opset, ensure_opset, min_ir_version
+from onnxopt.pass_base import Fidelity, Pass, PassResult
+from onnxopt.selectors import selector_field, selector_from_options
+
+from . import quant_math as qm
+
+NAME = "quantize-weights"
+
+
+def _opt(default, help_text):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeWeightsOptions:
+    bits: int = _opt(8, "bits per weight: 1 (binary sign x channel scale), 2, 4 or 8")
+    signed: bool = _opt(True, "signed integers (int8/int4/int2) instead of unsigned")
+    granularity: Literal["per-channel", "per-tensor", "blocked"] = _opt(
+        "per-channel", "one scale per output channel, per tensor, or per block along the reduction axis")
+    block_size: int = _opt(32, "elements per block along the reduction axis (granularity=blocked)")
+    symmetric: bool = _opt(True, "symmetric range (zero point 0 for signed types)")
+    pow2: bool = _opt(False, "round every scale up to a power of two")
+    clip: str | None = _opt(None, "clip weight outliers before computing scales, e.g. percentile:99.9")
+    min_elements: int = _opt(1024, "leave weights with fewer elements in float")
+    fork_shared: bool = _opt(False, "give each consumer of a shared weight its own quantized copy")
+    upgrade_opset: bool = _opt(True, "upgrade the model's opset when the chosen format needs it (else refuse)")
+    nodes: tuple[str, ...] = selector_field("nodes")
+    exclude_nodes: tuple[str, ...] = selector_field("exclude_nodes")
+    ops: tuple[str, ...] = selector_field("ops")
+    exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
+    region: tuple[str, ...] = selector_field("region")
+
+    def __post_init__(self):
+        if self.bits not in (1, 2, 4, 8):
+            raise UsageError(f"{NAME}: bits must be 1, 2, 4 or 8, got {self.bits}")
+        if self.block_size < 1:
+            raise UsageError(f"{NAME}: block_size must be positive, got {self.block_size}")
+        if self.bits == 1:
+            bad = [k for k, v in (("granularity=blocked", self.granularity == "blocked"),
+                                  ("signed=false", not self.signed), ("symmetric=false", not self.symmetric),
+                                  ("pow2=true", self.pow2), ("clip", self.clip is not None)) if v]
+            if bad:
+                raise UsageError(f"{NAME}: bits=1 (sign x mean |w| per channel) does not take {', '.join(bad)}")
+        self.clip_percentile  # validates the text
+
+    @property
+    def clip_percentile(self) -> float | None:
+        if self.clip is None:
+            return None
+        kind, _, number = self.clip.partition(":")
+        try:
+            value = float(number)
+        except ValueError:
+            value = None
+        if kind.strip() != "percentile" or value is None or not 50 < value <= 100:
+            raise UsageError(f"{NAME}: clip must look like percentile:99.9 (50 < p <= 100), got {self.clip!r}")
+        return value
+
+
+# (op_type, input index) of the weight input of each supported consumer.
+_WEIGHT_SLOTS = {("MatMul", 1), ("Gemm", 1), ("Conv", 1), ("Gather", 0)}
+
+
+def _axes(node: ir.Node, rank: int) -> tuple[int | None, int | None]:
+    """(output-channel axis, reduction axis) of the weight of ``node``; None when it has none."""
+    if rank < 2:
+        return None, None
+    if node.op_type == "MatMul":
+        return rank - 1, rank - 2
+    if node.op_type == "Gemm":
+        trans = node.attributes.get("transB")
+        return (0, 1) if trans is not None and trans.as_int() else (1, 0)
+    if node.op_type == "Conv":
+        return 0, 1
+    attr = node.attributes.get("axis")  # Gather: one scale per gathered slice
+    channel = (attr.as_int() if attr is not None else 0) % rank
+    return channel, rank - 1 if channel != rank - 1 else 0
+
+
+@dataclasses.dataclass
+class _Group:
+    """One quantized copy of a weight and the uses it feeds."""
+
+    value: ir.Value
+    graph: ir.Graph | ir.Function
+    const_node: ir.Node | None
+    tensor: ir.TensorProtocol
+    array: np.ndarray
+    uses: list[tuple[ir.Node, int]]
+    axis: int | None  # per-axis or blocked axis of the stored form; None = per tensor
+    block: int | None
+    drops_original: bool
+    flatten: bool = False  # blocked Conv: blocks run over C/group x kernel, stored as [M, C/group*k]
+
+    def opset(self, bits: int) -> int:
+        if bits == 1:
+            return 11
+        need = {2: 25, 4: 21, 8: 10}[bits]
+        if self.block:
+            need = max(need, 21)
+        elif self.axis is not None:
+            need = max(need, 13)
+        return need
+
+
+class QuantizeWeightsPass(Pass):
+    """Store MatMul/Gemm/Conv/Gather weights as 1/2/4/8-bit integers dequantized at run time."""
+
+    name = NAME
+    Options = QuantizeWeightsOptions
+    fidelity_of = Fidelity.LOSSY
+
+    def call(self, model: ir.Model) -> PassResult:
+        opts = self.options
+        stats: dict = {"weights_quantized": 0, "bytes_before": 0, "bytes_after": 0, "skipped": {}}
+        if opts.clip is not None:
+            stats["clipped"] = {}
+        groups = self._plan(model, stats["skipped"])
+        if not groups:
+            return PassResult(model, False, stats)
+        needed = max(g.opset(opts.bits) for g in groups)
+        current = default_opset(model)
+        if needed > current:
+            if not opts.upgrade_opset:
+                raise UsageError(
+                    f"{NAME}: bits={opts.bits} granularity={opts.granularity} needs opset {needed}, the model has "
+                    f"opset {current}; allow upgrade_opset=true or choose per-tensor 8-bit (opset 10)")
+            ensure_opset(model, needed)  # replaces the graph objects: plan again
+            stats["opset_upgraded"] = f"{current}->{needed}"
+            stats["skipped"] = {}
+            groups = self._plan(model, stats["skipped"])
+        namer = _Namer(model)
+        for group in groups:
+            self._apply(group, namer, stats)
+        model.ir_version = max(model.ir_version, min_ir_version(default_opset(model)))
+        return PassResult(model, True, stats)
+
+    # -- planning -------------------------------------------------------------------------
+    def _plan(self, model: ir.Model, skipped: dict) -> list[_Group]:
+        opts = self.options
+        selector = selector_from_options(opts)
+        selected = None if selector.is_trivial else set(selector.select(model))
+        groups: list[_Group] = []
+        for graph, value, const_node, tensor in _stored_constants(model):
+            uses = [(u.node, u.idx) for u in value.uses()]
+            slots = [(n, i) for n, i in uses if n.domain in ("", "ai.onnx") and (n.op_type, i) in _WEIGHT_SLOTS]
+            if not slots:
+                continue
+            chosen = [(n, i) for n, i in slots if selected is None or n in selected]
+            if not chosen:
+                continue
+            name = value.name or "(unnamed)"
+            reason = self._refusal(value, tensor, graph, uses, chosen)
+            if reason:
+                skipped[name] = reason
+                continue
+            array = tensor.numpy()
+            if opts.fork_shared:
+                keep_original = len(chosen) < len(uses)
+                parts = [[use] for use in chosen]
+            else:
+                keep_original = False
+                parts = [chosen]
+            for part in parts:
+                axis_block = {self._layout(n, array.ndim) for n, _ in part}
+                if len(axis_block) > 1:
+                    skipped[name] = "its consumers need different channel axes; set fork_shared=true"
+                    break
+            else:
+                for part in parts:
+                    axis, block = self._layout(part[0][0], array.ndim)
+                    flat = block is not None and part[0][0].op_type == "Conv" and int(np.prod(array.shape[2:])) > 1
+                    group = _Group(value, graph, const_node, tensor, array, part, axis, block, not keep_original, flat)
+                    if isinstance(graph, ir.Function):  # functions import their own opset; not upgraded here
+                        have = graph.opset_imports.get("", 1)
+                        if have < group.opset(opts.bits):
+                            skipped[name] = f"in function {graph.name} with opset {have} < {group.opset(opts.bits)}"
+                            continue
+                    groups.append(group)
+        return groups
+
+    def _refusal(self, value, tensor, graph, uses, chosen) -> str | None:
+        opts = self.options
+        if tensor.dtype != ir.DataType.FLOAT:
+            return f"dtype {tensor.dtype.name}; only float32 weights are quantized"
+        if value.is_graph_input():
+            return "the initializer is also a graph input (it can be overridden at run time)"
+        if value.is_graph_output() or any(value is out for out in graph.outputs):
+            return "the weight is also a graph output"
+        size = int(np.prod(tensor.shape.numpy()))
+        if size < opts.min_elements:
+            return f"{size} elements < min_elements={opts.min_elements}"
+        if len(chosen) < len(uses) and not opts.fork_shared:
+            others = [f"{n.op_type} '{n.name}' input {i}" for n, i in uses if (n, i) not in chosen]
+            return f"also used by {others[0]} (not a selected weight input); set fork_shared=true"
+        return None
+
+    def _layout(self, node: ir.Node, rank: int) -> tuple[int | None, int | None]:
+        channel, reduction = _axes(node, rank)
+        granularity = self.options.granularity
+        if granularity == "per-tensor" or channel is None:
+            return None, None
+        if granularity == "blocked":
+            return reduction, self.options.block_size
+        return channel, None
+
+    # -- rewriting ------------------------------------------------------------------------
+    def _apply(self, group: _Group, namer: _Namer, stats: dict) -> None:
+        opts = self.options
+        base = group.value.name or "weight"
+        as_nodes = group.const_node is not None or not isinstance(group.graph, ir.Graph)
+        store = _Store(group.graph, namer, as_nodes)
+        w = group.array.astype(np.float32)
+        stored = w.reshape(w.shape[0], -1) if group.flatten else w
+        if opts.bits == 1:
+            out = self._binary(w, group, base, store)
+        else:
+            qtype = qm.QuantType(opts.bits, opts.signed)
+            q, scale, zp, clipped = qm.quantize_weight(
+                stored, qtype, group.axis, group.block, opts.symmetric, opts.pow2, opts.clip_percentile)
+            if opts.clip is not None:
+                stats["clipped"][base] = stats["clipped"].get(base, 0) + clipped
+            inputs = [store.const(f"{base}_quantized", ir.tensor(q, dtype=qtype.ir_dtype)),
+                      store.const(f"{base}_scale", ir.tensor(scale))]
+            if not (opts.symmetric and opts.signed):
+                inputs.append(store.const(f"{base}_zero_point", ir.tensor(zp, dtype=qtype.ir_dtype)))
+            attrs = {} if group.axis is None else {"axis": group.axis}
+            if group.block:
+                attrs["block_size"] = group.block
+            out = store.op("DequantizeLinear", inputs, attrs, None if group.flatten else f"{base}_dequantized")
+            if group.flatten:
+                out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(stored.shape)
+                shape = store.const(f"{base}_shape", ir.tensor(np.array(w.shape, dtype=np.int64)))
+                out = store.op("Reshape", [out, shape], name=f"{base}_dequantized")
+        out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(w.shape)
+        store.insert(group.const_node)
+        for node, index in group.uses:
+            node.replace_input_with(index, out)
+        stats["weights_quantized"] += 1
+        stats["bytes_after"] += store.nbytes
+        if group.drops_original and not group.value.uses():
+            stats["bytes_before"] += group.tensor.nbytes
+            if group.const_node is not None:
+                group.graph.remove(group.const_node, safe=True)
+            elif group.value.name in getattr(group.graph, "initializers", {}):
+                group.graph.initializers.pop(group.value.name)
+
+    def _binary(self, w: np.ndarray, group: _Group, base: str, store: _Store) -> ir.Value:
+        """sign(w) in one bit per weight: Where(bit, scale, -scale), scale = mean |w| per channel."""
+        n = w.size
+        if group.axis is None:
+            scale = qm.binary_scale(w.reshape(1, -1), axis=0).reshape(())
+        else:
+            shape = [1] * w.ndim
+            shape[group.axis] = w.shape[group.axis]
+            scale = qm.binary_scale(w, group.axis).reshape(shape)
+        i64 = lambda *v: ir.tensor(np.array(v, dtype=np.int64))  # noqa: E731
+        packed = store.const(f"{base}_bits", ir.tensor(qm.pack_bits(w >= 0)))
+        col = store.op("Reshape", [packed, store.const(f"{base}_col", i64(-1, 1))])
+        shifts = store.const(f"{base}_shifts", ir.tensor(np.arange(8, dtype=np.uint8)))
+        shifted = store.op("BitShift", [col, shifts], {"direction": "RIGHT"})
+        two = store.const(f"{base}_two", ir.tensor(np.array(2, dtype=np.uint8)))
+        bits = store.op("Mod", [shifted, two])
+        flat = store.op("Reshape", [bits, store.const(f"{base}_flat", i64(-1))])
+        if n % 8:
+            flat = store.op("Slice", [flat, store.const(f"{base}_start", i64(0)), store.const(f"{base}_end", i64(n))])
+        flags = store.op("Cast", [flat], {"to": ir.DataType.BOOL})
+        shaped = store.op("Reshape", [flags, store.const(f"{base}_shape", i64(*w.shape))])
+        pos = store.const(f"{base}_scale", ir.tensor(scale))
+        neg = store.const(f"{base}_neg_scale", ir.tensor(-scale))
+        return store.op("Where", [shaped, pos, neg], name=f"{base}_dequantized")
+
+
+def _stored_constants(model: ir.Model):
+    """(graph, value, Constant node or None, tensor) for every initializer and tensor Constant."""
+    for graph in all_graphs(model):
+        if isinstance(graph, ir.Graph):
+            for value in list(graph.initializers.values()):
+                if value.const_value is not None:
+                    yield graph, value, None, value.const_value
+        for node in list(graph):
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and set(node.attributes) == {"value"}:
+                yield graph, node.outputs[0], node, node.attributes["value"].as_tensor()
+
+
+class _Namer:
+    """Fresh value and node names that collide with nothing in the model."""
+
+    def __init__(self, model: ir.Model):
+        self.used: set[str] = set()
+        for graph in all_graphs(model):
+            self.used.update(v.name for v in graph.inputs if v.name)
+            self.used.update(getattr(graph, "initializers", {}).keys())
+            for node in graph:
+                self.used.update(v.name for v in node.outputs if v.name)
+                if node.name:
+                    self.used.add(node.name)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name, i = f"{base}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+
+class _Store:
+    """Builds constants (initializers or Constant nodes) and ops for one weight, then inserts them."""
+
+    def __init__(self, graph, namer: _Namer, as_nodes: bool):
+        self.graph, self.namer, self.as_nodes = graph, namer, as_nodes
+        self.nodes: list[ir.Node] = []
+        self.nbytes = 0
+
+    def const(self, base: str, tensor: ir.TensorProtocol) -> ir.Value:
+        name = self.namer.fresh(base)
+        tensor.name = name
+        self.nbytes += tensor.nbytes
+        if self.as_nodes:
+            node = ir.node("Constant", [], {"value": tensor}, name=self.namer.fresh(f"{name}_node"))
+            value = node.outputs[0]
+            value.name = name
+            self.nodes.append(node)
+        else:
+            value = ir.Value(name=name, const_value=tensor)
+            self.graph.register_initializer(value)
+        value.dtype, value.shape = tensor.dtype, ir.Shape(tensor.shape.numpy())
+        value.const_value = tensor
+        return value
+
+    def op(self, op_type: str, inputs, attrs=None, name: str | None = None) -> ir.Value:
+        node = ir.node(op_type, inputs, attrs or {}, name=self.namer.fresh(f"{name or inputs[0].name}_{op_type}"))
+        out = node.outputs[0]
+        out.name = self.namer.fresh(name or f"{node.name}_out")
+        self.nodes.append(node)
+        return out
+
+    def insert(self, after: ir.Node | None) -> None:
+        if after is not None:
+            self.graph.insert_after(after, self.nodes)
+        elif len(self.graph):
+            self.graph.insert_before(self.graph[0], self.nodes)
+        else:
+            self.graph.extend(self.nodes)
