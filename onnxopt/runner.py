@@ -50,6 +50,8 @@ class StepReport:
     op_delta: dict = field(default_factory=dict)
     fidelity_metrics: dict | None = None
     reason: str | None = None
+    fallback: dict | None = None
+    tensor_sqnr: list | None = None
 
 
 @dataclass
@@ -62,6 +64,8 @@ class RunConfig:
     dump_dir: Path | None = None
     reproducer_dir: Path | None = None
     verify_structure: bool = True
+    mixed_precision: bool = True
+    sqnr_top: int = 10
 
 
 @dataclass
@@ -196,9 +200,14 @@ class Runner:
         step.stats = _jsonable(pass_result.stats)
         step.before, step.after, step.op_delta = before.as_dict(), after.as_dict(), op_delta(before, after)
         reason = self._check(step, model, before, after, validator, baseline_problems, pass_.fidelity)
+        if reason and reason.startswith("budget exceeded") and self._can_fall_back(pass_, pass_result.stats):
+            model, reason = self._fall_back(spec, pass_, snapshot, model, pass_result.stats, step, context,
+                                            validator, reason)
         if reason:
             return self._fail(step, snapshot, "rolled_back" if pass_.fidelity == Fidelity.LOSSY else "failed",
                               reason, context)
+        if pass_.fidelity == Fidelity.LOSSY and step.modified and validator is not None and self.config.sqnr_top:
+            step.tensor_sqnr = self._worst_tensors(snapshot, model, validator)
         if step.modified:
             context.invalidate()
         for instrument in self.instruments:
@@ -228,6 +237,39 @@ class Runner:
         if comparison.breaches:
             return "budget exceeded: " + "; ".join(comparison.breaches[:3])
         return None
+
+    def _can_fall_back(self, pass_, stats) -> bool:
+        from .fallback import supports_fallback
+
+        return self.config.mixed_precision and self.config.validate == "each" and supports_fallback(pass_.options, stats)
+
+    def _fall_back(self, spec, pass_, snapshot, model, stats, step, context, validator, reason):
+        """Keep the most sensitive nodes in float until the budget holds (see fallback.py)."""
+        from .fallback import search
+
+        cls = type(pass_)
+        outcome = search(lambda options: cls(options, context=context), pass_.options, snapshot, model, stats,
+                         validator, self.config.budget, validator.feeds)
+        step.fallback = {"float_nodes": outcome.excluded, "trials": _jsonable(outcome.trials),
+                         "sensitivity": _jsonable(outcome.ranking)}
+        if outcome.model is None:
+            tried = max((t["float_nodes"] for t in outcome.trials), default=0)
+            return model, f"{reason} (still over budget with {tried} nodes kept in float)"
+        step.stats = _jsonable(outcome.stats)
+        step.after = model_stats(outcome.model).as_dict()
+        step.op_delta = op_delta(model_stats(snapshot), model_stats(outcome.model))
+        step.fidelity_metrics = _jsonable(outcome.comparison.metrics)
+        return outcome.model, None
+
+    def _worst_tensors(self, reference, model, validator) -> list | None:
+        """Per-tensor SQNR of the rewritten model against the float one, worst first."""
+        from .calibration import tensor_sqnr
+
+        try:
+            sqnr = tensor_sqnr(reference, model, validator.feeds)
+        except Exception as exc:  # debug output must never fail the run
+            return [{"error": f"{type(exc).__name__}: {exc}"}]
+        return [{"tensor": name, "sqnr_db": _jsonable(db)} for name, db in list(sqnr.items())[: self.config.sqnr_top]]
 
     def _fail(self, step, snapshot, status, reason, context):
         step.status, step.reason = status, reason

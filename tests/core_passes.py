@@ -75,7 +75,8 @@ class CrashPass(Pass):
 
 
 def core_registry() -> Registry:
-    return Registry([RenameNodesPass, PerturbWeightsPass, BreakWeightsPass, LyingPass, CrashPass, RetypeToHalfPass],
+    return Registry([RenameNodesPass, PerturbWeightsPass, BreakWeightsPass, LyingPass, CrashPass, RetypeToHalfPass,
+                     PerturbMatMulsPass],
                     {"tidy": ["name-nodes"]})
 
 
@@ -90,3 +91,41 @@ class RetypeToHalfPass(Pass):
             for out in node.outputs:
                 out.dtype = ir.DataType.FLOAT16
         return PassResult(model, True, {})
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeNoiseOptions:
+    scale: float = 0.001
+    loud_node: str = ""
+    exclude_nodes: tuple[str, ...] = ()
+
+
+class PerturbMatMulsPass(Pass):
+    """Perturbs each MatMul's weight; the node named ``loud_node`` gets 1000x the noise.
+
+    Honours ``exclude_nodes`` and reports ``quantized_nodes`` like a quantization pass,
+    so the runner's mixed-precision fallback can keep nodes in float."""
+
+    name = "perturb-matmuls"
+    Options = NodeNoiseOptions
+    fidelity_of = Fidelity.LOSSY
+
+    def call(self, model):
+        import re
+
+        rng = np.random.default_rng(0)
+        touched = []
+        for index, node in enumerate(model.graph):
+            if node.op_type != "MatMul":
+                continue
+            if not node.name:
+                node.name = f"MatMul_{index}"
+            if any(re.search(p, node.name) for p in self.options.exclude_nodes):
+                continue
+            weight = node.inputs[1]
+            array = weight.const_value.numpy()
+            scale = self.options.scale * (1000 if node.name == self.options.loud_node else 1)
+            noisy = array + rng.standard_normal(array.shape).astype(np.float32) * scale * np.abs(array).max()
+            weight.const_value = ir.tensor(noisy, name=weight.name)
+            touched.append(node.name)
+        return PassResult(model, bool(touched), {"quantized_nodes": touched})

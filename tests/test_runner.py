@@ -142,3 +142,25 @@ def test_rollback_restores_types_a_pass_edited_in_place(mlp_path, tmp_path):
     assert result.report["passes"][0]["status"] == "rolled_back"
     out = load_model(tmp_path / "out.onnx")
     assert {str(n.outputs[0].dtype) for n in out.graph if n.outputs[0].dtype is not None} == {"FLOAT"}
+
+
+def test_budget_breach_keeps_the_most_sensitive_node_in_float(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["perturb-matmuls:loud_node=MatMul_3"], budget="snr_db=30")
+    step = result.report["passes"][0]
+    assert result.ok and step["status"] == "ok", step["reason"]
+    assert step["fallback"]["float_nodes"] == ["MatMul_3"]
+    assert step["fallback"]["sensitivity"][0]["node"] == "MatMul_3"
+    assert step["stats"]["quantized_nodes"] == ["MatMul_0", "MatMul_6"]
+    assert min(m["snr_db"] for m in step["fidelity_metrics"].values()) >= 30
+    assert [t["ok"] for t in step["fallback"]["trials"]] == [True]
+
+
+def test_budget_that_cannot_hold_rolls_back_after_trying_every_node(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["perturb-matmuls:scale=0.05"], budget="snr_db=200")
+    step = result.report["passes"][0]
+    assert step["status"] == "rolled_back" and "still over budget with 2 nodes kept in float" in step["reason"]
+
+
+def test_lossy_pass_reports_worst_tensors(mlp_path, tmp_path):
+    step = _optimize(mlp_path, tmp_path, ["perturb-matmuls"]).report["passes"][0]
+    assert step["tensor_sqnr"] and step["tensor_sqnr"][0]["sqnr_db"] <= step["tensor_sqnr"][-1]["sqnr_db"]
