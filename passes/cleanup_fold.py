@@ -1,0 +1,176 @@
+"""fold-constants: onnxscript's constant folder, guarded where onnxscript 0.7 mishandles a node.
+
+Guards (each refusal leaves the node as it was and counts in ``folds_refused``):
+
+* ``CastLike`` carrying ``saturate``: the folder rewrites it to ``Cast`` and drops the
+  attribute, so ``saturate=0`` float8 casts would saturate.
+* ``Bernoulli``: random, but missing from the folder's list of non-deterministic ops, so a
+  constant input would freeze one random draw into an initializer.
+* ``If`` in a function with a branch holding initializers: the folder inlines the taken
+  branch and moves its initializers onto the function, which cannot hold any.
+* ``SplitToSequence`` whose ``split`` is neither constant nor a static 1-D value: the
+  folder's rule dereferences a missing value and crashes the whole pass.
+* A replacement whose new nodes do not check against the opsets the model imports: the
+  folder writes opset-13/18 forms (``Unsqueeze``/``Squeeze``/``Split`` with axes or split
+  as inputs, ``Split num_outputs``) into older-opset graphs. The folder's opset-12
+  ``Constant<value_ints>`` (and ``value_int``, ``value_float(s)``) is first rewritten to
+  ``Constant<value=tensor>``, which every opset has, so opset-11 models still fold shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnxscript.optimizer import _constant_folding as folding
+
+import onnxopt
+
+from .cleanup_snapshot import Snapshot, census_delta
+
+
+def _is_onnx(node: ir.Node, *op_types: str) -> bool:
+    return node.domain in ("", "ai.onnx") and node.op_type in op_types
+
+
+def _refused_before_folding(node: ir.Node, is_function: bool) -> bool:
+    if _is_onnx(node, "CastLike") and "saturate" in node.attributes:
+        return True
+    if _is_onnx(node, "Bernoulli"):
+        return True
+    if is_function and _is_onnx(node, "If"):
+        branches = [a.as_graph() for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH]
+        return any(branch.initializers for branch in branches)
+    if _is_onnx(node, "SplitToSequence") and len(node.inputs) > 1 and node.inputs[1] is not None:
+        split = node.inputs[1]
+        shape = split.shape
+        static_1d = shape is not None and shape.is_static() and len(shape) == 1
+        return split.const_value is None and not static_1d
+    return False
+
+
+_LIST_CONSTANTS = {"value_int": np.int64, "value_ints": np.int64,
+                   "value_float": np.float32, "value_floats": np.float32}
+
+
+def _make_portable(node: ir.Node) -> None:
+    """Rewrite an opset-12 ``Constant<value_ints=...>`` as ``Constant<value=tensor>``."""
+    if _is_onnx(node, "Constant") and len(node.attributes) == 1:
+        (name, attr), = node.attributes.items()
+        if name in _LIST_CONSTANTS and not attr.is_ref():
+            array = np.array(attr.value, dtype=_LIST_CONSTANTS[name])
+            del node.attributes[name]
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array))
+
+
+def _names(values) -> list[str]:
+    """Value names for a checkable NodeProto; values the folder just made have none yet."""
+    return ["" if v is None else v.name or f"_unnamed_{i}" for i, v in enumerate(values)]
+
+
+def _checks_in(node: ir.Node, opsets: dict[str, int], ir_version: int) -> bool:
+    context = onnx.checker.C.CheckerContext()
+    context.ir_version = ir_version
+    context.opset_imports = dict(opsets)
+    proto = onnx.NodeProto(
+        op_type=node.op_type, domain=node.domain, input=_names(node.inputs), output=_names(node.outputs)
+    )
+    proto.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
+    try:
+        onnx.checker.check_node(proto, context)
+    except onnx.checker.ValidationError:
+        return False
+    return True
+
+
+class _GuardedFolder(folding.FoldConstantsPass):
+    """onnxscript's folder with the guards above around each node it would replace."""
+
+    def call(self, model: ir.Model):
+        self.refused = 0
+        self._ir_version = model.ir_version
+        return super().call(model)
+
+    def process_node(self, node: ir.Node, is_function: bool):
+        if _refused_before_folding(node, is_function):
+            self.refused += 1
+            return None
+        replacement = super().process_node(node, is_function)
+        if replacement is None or _is_onnx(node, "If"):
+            return replacement  # an inlined If branch holds the model's own nodes
+        if self._opset_imports.get("", 0) < 12:
+            for new_node in replacement.new_nodes:
+                _make_portable(new_node)
+        if all(_checks_in(n, self._opset_imports, self._ir_version) for n in replacement.new_nodes):
+            return replacement
+        self.refused += 1
+        return None
+
+
+def _all_values(model: ir.Model):
+    for graph in onnxopt.all_graphs(model):
+        yield from graph.inputs
+        if isinstance(graph, ir.Graph):
+            yield from graph.initializers.values()
+        for node in graph:
+            yield from node.outputs
+
+
+class FoldConstantsPass(onnxopt.Pass):
+    """Replace what can be computed from constants by initializers; simplify shape arithmetic."""
+
+    name = "fold-constants"
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        input_size_limit: int = field(
+            default=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+            metadata={"help": "skip a node with a constant input of more elements than this"},
+        )
+        output_size_limit: int = field(
+            default=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+            metadata={"help": "keep a node whose folded output has more elements than this, "
+                              "unless folding frees as many"},
+        )
+        shape_inference: bool = field(
+            default=True, metadata={"help": "infer node output shapes while folding (finds more folds)"}
+        )
+        max_rounds: int = field(
+            default=3, metadata={"help": "rerun the folder until nothing changes, at most this often"}
+        )
+
+        def __post_init__(self):
+            if self.input_size_limit < 0 or self.output_size_limit < 0:
+                raise ValueError("size limits must be >= 0")
+            if self.max_rounds < 1:
+                raise ValueError("max_rounds must be >= 1")
+
+    def call(self, model: ir.Model) -> onnxopt.PassResult:
+        before = Snapshot(model)
+        tagged = [v for v in _all_values(model) if folding.FOLDED_FROM_KEY in v.metadata_props]
+        tagged_ids = {id(v) for v in tagged}
+        folder = _GuardedFolder(
+            shape_inference=self.options.shape_inference,
+            input_size_limit=self.options.input_size_limit,
+            output_size_limit=self.options.output_size_limit,
+        )
+        after = before
+        for _ in range(self.options.max_rounds):  # a round's new shapes can unlock more folds
+            folder(model)
+            for value in _all_values(model):  # the folder's provenance notes are not model content
+                if id(value) not in tagged_ids:
+                    value.metadata_props.pop(folding.FOLDED_FROM_KEY, None)
+            previous, after = after, Snapshot(model)
+            if after == previous:
+                break
+        delta = census_delta(before, after)
+        stats = {
+            "nodes_removed": delta["nodes_removed"],
+            "initializers_added": -delta["initializers_removed"],
+            "bytes_added": -delta["bytes_saved"],
+            "folds_refused": folder.refused,  # in the last round
+        }
+        return onnxopt.PassResult(model, before != after, stats)
