@@ -40,7 +40,7 @@ def inspect_model(model: ir.Model) -> dict:
         if node.op_type == "Constant" and node.domain == "":
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.TENSOR:
-                    _count(params_by_dtype, attr.as_tensor())
+                    _count(params_by_dtype, attr.value)
     ops = Counter(op_key(n) for n in all_nodes(model))
     subgraphs = []
     for node in all_nodes(model):

@@ -25,6 +25,10 @@ from .external_data import check_external_data
 
 # Protobuf cannot exceed 2 GiB; stay well below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Writing external data: two threads (computing lazy tensors overlaps with writing), and
+# at most this many bytes of materialized tensors held at once (plus one oversized tensor).
+SAVE_WORKERS = 2
+SAVE_MAX_IN_FLIGHT_BYTES = 256 << 20
 
 
 def check_model_file(path: Path) -> None:
@@ -102,12 +106,20 @@ def _weights_bytes(model: ir.Model) -> int:
         if node.op_type == "Constant" and node.domain == "":
             attr = node.attributes.get("value")
             if attr is not None and attr.type == ir.AttributeType.TENSOR:
-                total += attr.as_tensor().nbytes
+                total += attr.value.nbytes
     return total
 
 
+def _has_lazy_initializers(model: ir.Model) -> bool:
+    from .graph_walk import all_graphs
+
+    return any(isinstance(value.const_value, ir.LazyTensor)
+               for graph in all_graphs(model) for value in getattr(graph, "initializers", {}).values())
+
+
 def needs_external_data(model: ir.Model) -> bool:
-    return _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    """Weights over ~1.8 GB, or initializers computed lazily (streamed one by one, never all embedded)."""
+    return _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD or _has_lazy_initializers(model)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -127,7 +139,11 @@ def save_model(
     """Write ``model`` to ``path`` atomically; never over a path listed in ``protect``.
 
     ``external_data=None`` decides by size: weights over ~1.8 GB go to ``<name>.data``
-    beside the model (the only way past protobuf's 2 GB limit).
+    beside the model (the only way past protobuf's 2 GB limit); so do models with lazily
+    computed initializers (``ir.LazyTensor``, e.g. weights quantized from external data),
+    which are computed and written one at a time instead of all embedded in one protobuf.
+    External data is written by ``SAVE_WORKERS`` threads holding at most
+    ``SAVE_MAX_IN_FLIGHT_BYTES`` of materialized tensors at once.
     """
     path = Path(path)
     for guarded in protect:
@@ -150,7 +166,8 @@ def save_model(
     os.close(fd)
     try:
         if use_external:
-            ir.save(model, tmp_name, external_data=data_name)
+            ir.save(model, tmp_name, external_data=data_name, max_workers=SAVE_WORKERS,
+                    max_in_flight_bytes=SAVE_MAX_IN_FLIGHT_BYTES)
         else:
             _save_inline(model, tmp_name)
         os.chmod(tmp_name, default_file_mode())

@@ -38,7 +38,7 @@ def model_stats(model: ir.Model) -> ModelStats:
         if node.op_type == "Constant" and node.domain == "":
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.TENSOR:
-                    stats.constant_bytes += attr.as_tensor().nbytes
+                    stats.constant_bytes += attr.value.nbytes
     for graph in all_graphs(model):
         for value in getattr(graph, "initializers", {}).values():
             stats.initializers += 1
