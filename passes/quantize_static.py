@@ -1,0 +1,394 @@
+"""quantize-static: calibrated QDQ quantization placed where ONNX Runtime runs integer kernels.
+
+Activations get QuantizeLinear/DequantizeLinear pairs whose ranges come from calibration
+(the core's streamed statistics over the calibration samples, asked for through the pass
+context); weights become 8-bit (per output channel by default) behind DequantizeLinear;
+Conv and Gemm biases become int32 with scale ``x_scale * w_scale``. Placement follows
+:mod:`.qdq_placement`: a Conv's BatchNormalization/Mul/Add chain is folded into the Conv
+it quantizes, and MatMul+bias on 2-D activations becomes a Gemm (QGemm in ORT). A tensor
+whose quietest calibration sample would drown in the quantization step is left float.
+Nodes already behind DequantizeLinear, and QLinear/MatMulNBits/integer ops, are left as
+they are. If/Loop/Scan bodies are planned like the main graph; function bodies are left
+float (ORT inlines them, so calibration cannot see inside) and counted in ``fallbacks``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import calibration as calib
+from onnxopt.errors import UsageError
+from onnxopt.graph_walk import all_graphs
+from onnxopt.opset import default_opset, ensure_opset, min_ir_version
+from onnxopt.pass_base import Fidelity, Pass, PassResult
+from onnxopt.selectors import selector_field, selector_from_options
+
+from . import quant_math as qm
+from .qdq_placement import (CORE, Namer, Placer, Plan, Unit, add_initializer, add_node, bias_vector,
+                            channel_affine, constant_array, drop_if_unused)
+
+NAME = "quantize-static"
+
+
+def _opt(default, help_text):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeStaticOptions:
+    activation_type: Literal["uint8", "int8", "int16"] = _opt("uint8", "integer type of activations")
+    weight_type: Literal["auto", "int8", "uint8"] = _opt(
+        "auto", "integer type of weights (symmetric); auto: uint8 where uint8 activations are centred (zero "
+        "point above 64), whose int8 products saturate ORT's u8s8 kernels on x86 without VNNI, else int8")
+    reduce_range: bool = _opt(False, "7-bit int8 weights: ORT's u8s8 kernels on x86 CPUs without VNNI "
+                                    "(AVX2, AVX-512F) saturate int16 sums with full 8-bit weights")
+    per_channel: bool = _opt(True, "one weight scale per output channel (needs opset 13) instead of per tensor")
+    symmetric_activations: bool = _opt(False, "symmetric activation ranges (zero point 0 for int8/int16)")
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] = _opt(
+        "minmax", "how activation ranges are chosen from the calibration statistics")
+    percentile: float = _opt(99.99, "mass kept by calibration=percentile, in percent")
+    pow2: bool = _opt(False, "power-of-two scales 2^-n (fixed-point targets)")
+    placement: Literal["ort-cpu", "all"] = _opt(
+        "ort-cpu", "ort-cpu: only node units ORT's CPU provider runs on integers; all: every supported op")
+    min_reduction: int = _opt(128, "placement=ort-cpu: leave float a Conv/MatMul/Gemm with fewer multiply-adds per "
+                                   "output (Cin*kh*kw or K); ORT's int8 kernels lose to float below that")
+    min_sqnr_db: float = _opt(20.0, "leave float a node whose activations would keep less than this estimated "
+                                    "SQNR (dB) on the quietest calibration sample; 0 disables the check")
+    quantize_bias: bool = _opt(True, "store Conv/Gemm biases as int32 with scale x_scale*w_scale")
+    upgrade_opset: bool = _opt(True, "upgrade the opset when the options need it (per-channel 13, int16 21)")
+    bins: int = _opt(calib.DEFAULT_BINS, "histogram bins of percentile/entropy/mse calibration")
+    nodes: tuple[str, ...] = selector_field("nodes")
+    exclude_nodes: tuple[str, ...] = selector_field("exclude_nodes")
+    ops: tuple[str, ...] = selector_field("ops")
+    exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
+    region: tuple[str, ...] = selector_field("region")
+
+    def __post_init__(self):
+        if not 50 < self.percentile <= 100:
+            raise UsageError(f"{NAME}: percentile must be in (50, 100], got {self.percentile}")
+        if self.bins < 256:
+            raise UsageError(f"{NAME}: bins must be at least 256, got {self.bins}")
+
+
+def weight_axis(node: ir.Node, rank: int) -> int:
+    """The output-channel axis of the weight of a Conv, MatMul or Gemm."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        trans = node.attributes.get("transB")
+        return 0 if trans is not None and trans.as_int() else 1
+    return rank - 1
+
+
+class QuantizeStaticPass(Pass):
+    """Calibrated QDQ quantization of activations and weights, placed for ORT's integer kernels."""
+
+    name = NAME
+    Options = QuantizeStaticOptions
+    fidelity_of = Fidelity.LOSSY
+
+    def call(self, model: ir.Model) -> PassResult:
+        opts = self.options
+        feeds = self.context.feeds
+        if not feeds:
+            raise UsageError(f"{NAME} needs calibration samples (give --data)")
+        histogram = opts.calibration != "minmax"
+        stats = self.context.analysis(
+            ("calibration-statistics", histogram, opts.bins if histogram else 0),
+            lambda: calib.collect_statistics(model, feeds, histogram=histogram, bins=opts.bins))
+        result = {"tensors_calibrated": len(stats), "nodes_quantized": 0, "weights_quantized": 0,
+                  "biases_quantized": 0, "tensors_quantized": 0, "affine_ops_folded": 0,
+                  "ops_quantized": {}, "fallbacks": {}}
+        plans = self._plan(model, stats, result)
+        if not any(plan.units for _, plan in plans):
+            return PassResult(model, False, result)
+        need = max(13 if opts.per_channel else 10, 21 if opts.activation_type == "int16" else 10)
+        current = default_opset(model)
+        if need > current:
+            if not opts.upgrade_opset:
+                raise UsageError(f"{NAME}: these options need opset {need} (per-channel weights need 13, int16 "
+                                 f"activations 21) and the model has opset {current}; allow upgrade_opset=true "
+                                 f"or use per_channel=false")
+            ensure_opset(model, need)  # replaces the graph objects: plan again
+            result["opset_upgraded"] = f"{current}->{need}"
+            plans = self._plan(model, stats, result)
+        levels = 2 ** qm.QuantType.parse(opts.activation_type).bits
+        names = [v.name for _, plan in plans for group in plan.groups for v in group]
+        ranges = calib.ranges_from_statistics(
+            stats, opts.calibration, tensors=names, percentile=opts.percentile, levels=levels,
+            symmetric=opts.symmetric_activations)
+        namer, weights = Namer(model), {}
+        # ranges by group, taken before any rewrite renames a tensor
+        group_ranges = [[(min(ranges[v.name][0] for v in g if v.name in ranges),
+                          max(ranges[v.name][1] for v in g if v.name in ranges), g[0].name) for g in plan.groups]
+                        for _, plan in plans]
+        for (graph, plan), graph_ranges in zip(plans, group_ranges):
+            _Rewriter(graph, plan, graph_ranges, opts, namer, result, weights).run()
+        model.ir_version = max(model.ir_version, min_ir_version(default_opset(model)))
+        return PassResult(model, True, result)
+
+    def _plan(self, model: ir.Model, stats: dict, result: dict) -> list[tuple[ir.Graph, Plan]]:
+        selector = selector_from_options(self.options)
+        chosen = None if selector.is_trivial else set(selector.select(model))
+        fallbacks: collections.Counter = collections.Counter()
+        levels = 2 ** qm.QuantType.parse(self.options.activation_type).bits
+
+        def problem(value: ir.Value) -> str | None:
+            if value.dtype is not None and value.dtype != ir.DataType.FLOAT:
+                return "not_float32"
+            if value.name not in stats:
+                return "uncalibrated"
+            s = stats[value.name]
+            if self.options.min_sqnr_db > 0 and s.worst_sqnr_db(*s.range(), levels) < self.options.min_sqnr_db:
+                return "low_sqnr"
+            return None
+
+        plans = []
+        for graph in all_graphs(model):
+            if not isinstance(graph, ir.Graph):
+                fallbacks["in_function"] += sum(1 for n in graph if n.op_type in CORE)
+                continue
+            placer = Placer(graph, problem, lambda n: chosen is None or n in chosen,
+                            self.options.placement, absorb=not self.options.symmetric_activations,
+                            min_reduction=self.options.min_reduction,
+                            rank=lambda v: stats[v.name].rank if v.name in stats else None)
+            plan = placer.plan()
+            fallbacks.update(plan.fallbacks)
+            plans.append((graph, plan))
+        result["fallbacks"] = dict(fallbacks)
+        return plans
+
+
+class _Rewriter:
+    """Applies one graph's plan: fold BatchNorms, quantize weights and biases, insert Q/DQ."""
+
+    def __init__(self, graph: ir.Graph, plan: Plan, ranges: list, opts: QuantizeStaticOptions, namer: Namer,
+                 stats: dict, weights: dict):
+        self.graph, self.plan, self.ranges, self.opts, self.namer, self.stats = graph, plan, ranges, opts, namer, stats
+        self.ranges = ranges  # per group: (lo, hi, name for its scale and zero point)
+        self.weights = weights  # (weight, axis, type) -> ([q, scale, zero point] initializers, scale array)
+        self.act_type = qm.QuantType.parse(opts.activation_type)
+        self.alias: dict[ir.Value, ir.Value] = {}
+        self.params: dict[int, tuple[ir.Value, ir.Value, np.ndarray]] = {}
+        self.group_of: dict[ir.Value, int] = {}
+
+    def run(self) -> None:
+        ops = collections.Counter(unit.node.op_type for unit in self.plan.units)
+        for unit in self.plan.units:
+            if unit.node.op_type == "Conv":
+                self._fold_affine(unit)
+            elif unit.node.op_type == "MatMul" and unit.tail and unit.tail[0].op_type == "Add":
+                self._matmul_add_to_gemm(unit)
+        for index, group in enumerate(self.plan.groups):
+            for value in group:
+                self.group_of[self.alias.get(value, value)] = index
+        for unit in self.plan.units:
+            self._localize_inputs(unit)
+            if unit.weighted:
+                self._quantize_weights(unit)
+        for index, group in enumerate(self.plan.groups):
+            for value in group:
+                self._insert_qdq(self.alias.get(value, value), index)
+        self.stats["nodes_quantized"] += len(self.plan.units)
+        merged = collections.Counter(self.stats["ops_quantized"]) + ops
+        self.stats["ops_quantized"] = dict(sorted(merged.items()))
+
+    # -- parameters ---------------------------------------------------------------------------
+    def _group_params(self, index: int) -> tuple[ir.Value, ir.Value, np.ndarray]:
+        if index not in self.params:
+            lo, hi, base = self.ranges[index]
+            scale, zp = qm.scale_zero_point(lo, hi, self.act_type, self.opts.symmetric_activations, self.opts.pow2)
+            self.params[index] = (add_initializer(self.graph, self.namer, f"{base}_scale", scale),
+                                  add_initializer(self.graph, self.namer, f"{base}_zero_point", zp), scale)
+        return self.params[index]
+
+    def _localize_inputs(self, unit: Unit) -> None:
+        """An input an enclosing graph already dequantizes gets a DequantizeLinear of its own in
+        this graph: ORT fuses node units graph by graph."""
+        for i in unit.inputs:
+            producer = unit.node.inputs[i].producer()
+            if producer is not None and producer.op_type == "DequantizeLinear" and producer.graph is not self.graph:
+                dq = add_node(self.graph, self.namer, "DequantizeLinear", list(producer.inputs),
+                              {k: v for k, v in producer.attributes.items()},
+                              out=f"{producer.outputs[0].name}_local", before=unit.node)
+                dq.dtype, dq.shape = ir.DataType.FLOAT, producer.outputs[0].shape
+                unit.node.replace_input_with(i, dq)
+
+    def _input_params(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point of a unit's activation input (an enclosing graph may have
+        quantized it already: then its DequantizeLinear says)."""
+        value = node.inputs[0]
+        if value in self.group_of:
+            scale, zp, _ = self._group_params(self.group_of[value])
+        else:
+            scale, zp = value.producer().inputs[1], value.producer().inputs[2]
+        return scale.const_value.numpy(), zp.const_value.numpy()
+
+    # -- rewrites -----------------------------------------------------------------------------
+    def _fold_affine(self, unit: Unit) -> None:
+        """Conv(x, W, b) -> BN/Mul/Add chain  ==>  Conv(x, W * k, b * k + c) per output channel."""
+        conv = unit.node
+        weight = constant_array(conv.inputs[1])
+        has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
+        bias = constant_array(conv.inputs[2]) if has_bias else np.zeros(weight.shape[0], np.float32)
+        if bias is None:
+            return  # a run-time bias cannot be folded: leave the chain float
+        k, c = np.ones(weight.shape[0]), np.zeros(weight.shape[0])
+        folded = []
+        while unit.tail and unit.tail[0].op_type in ("BatchNormalization", "Mul", "Add"):
+            node = unit.tail.pop(0)
+            nk, nc = channel_affine(node, (folded[-1] if folded else conv).outputs[0], weight.shape[0], weight.ndim)
+            k, c = k * nk, c * nk + nc
+            folded.append(node)
+        if not folded:
+            return
+        new_w = (weight.astype(np.float64) * k.reshape(-1, *[1] * (weight.ndim - 1))).astype(np.float32)
+        new_b = (bias.astype(np.float64) * k + c).astype(np.float32)
+        base = conv.inputs[1].name or "weight"
+        old = [conv.inputs[1], conv.inputs[2] if has_bias else None]
+        if not has_bias:
+            conv.resize_inputs(3)
+        conv.replace_input_with(1, add_initializer(self.graph, self.namer, f"{base}_folded", new_w))
+        conv.replace_input_with(2, add_initializer(self.graph, self.namer, f"{base}_folded_bias", new_b))
+        out, conv_out = folded[-1].outputs[0], conv.outputs[0]
+        name = out.name
+        out.replace_all_uses_with(conv_out, replace_graph_outputs=True)
+        for node in reversed(folded):
+            consts = [v for v in node.inputs if v is not None and constant_array(v) is not None]
+            self.graph.remove(node, safe=True)
+            old += consts
+        for value in old:
+            if value is not None:
+                drop_if_unused(value)
+        conv_out.name = name
+        self.alias[out] = conv_out
+        self.stats["affine_ops_folded"] += len(folded)
+
+    def _matmul_add_to_gemm(self, unit: Unit) -> None:
+        """MatMul(x, W) -> Add(b) on 2-D x  ==>  Gemm(x, W, b): with an int32 bias ORT runs it as
+        QGemm, where its own MatMul+Add fusion would leave a float-bias Gemm it cannot quantize."""
+        matmul, add = unit.node, unit.tail.pop(0)
+        bias = bias_vector(add, matmul.outputs[0], constant_array(matmul.inputs[1]).shape[-1])
+        base = matmul.inputs[1].name or "weight"
+        gemm = ir.node("Gemm", [matmul.inputs[0], matmul.inputs[1],
+                                add_initializer(self.graph, self.namer, f"{base}_bias", bias)],
+                       name=matmul.name or self.namer.fresh(f"{base}_Gemm"))
+        self.graph.insert_before(matmul, gemm)
+        out, name = add.outputs[0], add.outputs[0].name
+        consts = [v for v in add.inputs if v is not None and constant_array(v) is not None]
+        out.replace_all_uses_with(gemm.outputs[0], replace_graph_outputs=True)
+        self.graph.remove([add, matmul], safe=True)
+        for value in consts:
+            drop_if_unused(value)
+        gemm.outputs[0].name, gemm.outputs[0].dtype = name, ir.DataType.FLOAT
+        self.alias[out] = gemm.outputs[0]
+        unit.node = gemm
+        self.stats["matmul_adds_to_gemm"] = self.stats.get("matmul_adds_to_gemm", 0) + 1
+
+    def _quantize_weights(self, unit: Unit) -> None:
+        """Weight -> DequantizeLinear(int weight); a weight shared by several nodes is stored once,
+        in the graph that holds it."""
+        node = unit.node
+        weight = node.inputs[1]
+        w = constant_array(weight).astype(np.float32)
+        axis = weight_axis(node, w.ndim) if self.opts.per_channel else None
+        wtype = self._weight_type(node)
+        key = (weight, axis, wtype)
+        if key not in self.weights:
+            lo, hi, _ = qm.weight_ranges(w, axis)
+            if self.opts.reduce_range and wtype.signed:
+                lo, hi = 2 * lo, 2 * hi  # |q| <= 64: u8 * s8 pair sums stay within int16
+            w_scale, w_zp = qm.scale_zero_point(lo, hi, wtype, symmetric=True, pow2=self.opts.pow2)
+            q = qm.quantize(w, w_scale, w_zp, wtype, axis)
+            producer = weight.producer()
+            owner = producer.graph if producer is not None else (weight.graph or self.graph)
+            base = weight.name or "weight"
+            self.weights[key] = ([add_initializer(owner, self.namer, f"{base}_quantized", q),
+                                  add_initializer(owner, self.namer, f"{base}_scale", w_scale),
+                                  add_initializer(owner, self.namer, f"{base}_zero_point", w_zp)], w_scale)
+            self.stats["weights_quantized"] += 1
+        inputs, w_scale = self.weights[key]
+        attrs = {} if axis is None else {"axis": axis}
+        dq = add_node(self.graph, self.namer, "DequantizeLinear", inputs, attrs,
+                      out=f"{weight.name or 'weight'}_dequantized", before=node)
+        dq.dtype, dq.shape = ir.DataType.FLOAT, ir.Shape(w.shape)
+        node.replace_input_with(1, dq)
+        drop_if_unused(weight)
+        if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and self.opts.quantize_bias:
+            self._quantize_bias(unit, w_scale, w.shape[weight_axis(node, w.ndim)])
+
+    def _weight_type(self, node: ir.Node) -> qm.QuantType:
+        if self.opts.weight_type != "auto":
+            return qm.QuantType.parse(self.opts.weight_type)
+        zero_point = self._input_params(node)[1]
+        centred = not self.act_type.signed and self.act_type.bits == 8 and int(zero_point) > 64
+        return qm.QuantType(8, signed=not centred)
+
+    def _quantize_bias(self, unit: Unit, w_scale: np.ndarray, n: int) -> None:
+        node = unit.node
+        bias = node.inputs[2]
+        b = constant_array(bias)
+        if b is None or b.dtype != np.float32:
+            return
+        if node.op_type == "Gemm":
+            beta = node.attributes.get("beta")
+            alpha = node.attributes.get("alpha")
+            if (beta is not None and beta.as_float() != 1.0) or (alpha is not None and alpha.as_float() != 1.0):
+                return
+            if b.size == 1 or b.shape in ((n,), (1, n)):
+                b = np.broadcast_to(b.reshape(-1), (n,))
+            else:
+                return
+        x_scale = self._input_params(node)[0]
+        b_scale = (np.float32(x_scale) * w_scale).astype(np.float32)
+        q = np.rint(b.astype(np.float64) / b_scale.astype(np.float64))
+        if np.abs(q).max(initial=0) >= 2**31 - 1:
+            self.stats["fallbacks"]["bias_overflow"] = self.stats["fallbacks"].get("bias_overflow", 0) + 1
+            return
+        base = bias.name or "bias"
+        inputs = [add_initializer(self.graph, self.namer, f"{base}_quantized", q.astype(np.int32)),
+                  add_initializer(self.graph, self.namer, f"{base}_scale", b_scale)]
+        attrs = {"axis": 0} if np.ndim(b_scale) == 1 else {}
+        dq = add_node(self.graph, self.namer, "DequantizeLinear", inputs, attrs, out=f"{base}_dequantized",
+                      before=node)
+        dq.dtype, dq.shape = ir.DataType.FLOAT, ir.Shape(b.shape)
+        node.replace_input_with(2, dq)
+        drop_if_unused(bias)
+        self.stats["biases_quantized"] += 1
+
+    def _insert_qdq(self, value: ir.Value, index: int) -> None:
+        scale, zp, _ = self._group_params(index)
+        producer = value.producer()
+        after = producer if producer is not None and producer.graph is self.graph else None
+        original = self.plan.groups[index]
+        fused = value in self.plan.fused or any(self.alias.get(v) is value for v in self.plan.fused
+                                                if v in original)
+        if fused:
+            name = value.name
+            value.name = self.namer.fresh(f"{name}_float")
+            dq_node = ir.node("DequantizeLinear", [None, scale, zp], name=self.namer.fresh(f"{name}_DequantizeLinear"))
+            dq = dq_node.outputs[0]
+            value.replace_all_uses_with(dq, replace_graph_outputs=True)
+            dq.name = name
+            q = add_node(self.graph, self.namer, "QuantizeLinear", [value, scale, zp], out=f"{name}_quantized",
+                         after=after)
+            dq_node.replace_input_with(0, q)
+            self.graph.insert_after(q.producer(), dq_node)
+        else:  # only the quantized consumers read the DQ (an outer graph may already have quantized it)
+            readers = [(u.node, i) for u in self.plan.units for i in u.inputs if u.node.inputs[i] is value]
+            if not readers:
+                return
+            q = add_node(self.graph, self.namer, "QuantizeLinear", [value, scale, zp],
+                         out=f"{value.name}_quantized", after=after)
+            dq = add_node(self.graph, self.namer, "DequantizeLinear", [q, scale, zp],
+                          out=f"{value.name}_dequantized", after=q.producer())
+            for node, i in readers:
+                node.replace_input_with(i, dq)
+        q.dtype, q.shape = self.act_type.ir_dtype, value.shape
+        dq.dtype, dq.shape = ir.DataType.FLOAT, value.shape
+        self.stats["tensors_quantized"] += 1
