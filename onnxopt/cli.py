@@ -202,8 +202,12 @@ def _passes(args) -> int:
         cls = registry.get(name)
         fidelity = cls.fidelity_of.value
         rows.append({"name": name, "summary": cls.summary(), "fidelity": fidelity, "options": describe_options(cls.Options)})
+    dispatch = {}
+    for name in registry.dispatch_names():
+        key, default, targets = registry.dispatch(name)
+        dispatch[name] = {"option": key, "default": default, "passes": targets}
     if args.json:
-        print(json.dumps({"passes": rows, "families": registry.families()}, indent=2))
+        print(json.dumps({"passes": rows, "families": registry.families(), "dispatch": dispatch}, indent=2))
         return 0
     for row in rows:
         print(f"{row['name']}  [{row['fidelity']}]  {row['summary']}")
@@ -211,6 +215,9 @@ def _passes(args) -> int:
             print(f"    {option['name']}={option['default']}  ({option['type']})  {option['help']}")
     for family, members in registry.families().items():
         print(f"{family}  [family]  = {' '.join(members)}")
+    for name, info in dispatch.items():
+        choices = ", ".join(f"{k} -> {v}" for k, v in info["passes"].items())
+        print(f"{name}:{info['option']}=...  [by {info['option']}, default {info['default']}]  {choices}")
     return 0
 
 

@@ -94,7 +94,15 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     return model
 
 
-def _weights_bytes(model: ir.Model) -> int:
+def has_external_tensors(model: ir.Model) -> bool:
+    from .graph_walk import all_graphs
+
+    return any(isinstance(value.const_value, ir.ExternalTensor)
+               for graph in all_graphs(model) for value in getattr(graph, "initializers", {}).values())
+
+
+def weights_bytes(model: ir.Model) -> int:
+    """Bytes of every initializer and Constant tensor, in all graphs (nothing is read)."""
     from .graph_walk import all_graphs
 
     total = 0
@@ -119,7 +127,7 @@ def _has_lazy_initializers(model: ir.Model) -> bool:
 
 def needs_external_data(model: ir.Model) -> bool:
     """Weights over ~1.8 GB, or initializers computed lazily (streamed one by one, never all embedded)."""
-    return _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD or _has_lazy_initializers(model)
+    return weights_bytes(model) > EXTERNAL_DATA_THRESHOLD or _has_lazy_initializers(model)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

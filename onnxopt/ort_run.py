@@ -17,6 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from .errors import InputError
+from .model_io import has_external_tensors, weights_bytes
 
 # Models whose serialized protobuf would exceed this are handed to ORT as files.
 _IN_MEMORY_LIMIT = 1_500_000_000
@@ -33,27 +34,6 @@ def session_options(optimized: bool = False, threads: int | None = None) -> ort.
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     return options
-
-
-def _has_external_tensors(model: ir.Model) -> bool:
-    from .graph_walk import all_graphs
-
-    for graph in all_graphs(model):
-        for value in getattr(graph, "initializers", {}).values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                return True
-    return False
-
-
-def _approx_bytes(model: ir.Model) -> int:
-    from .graph_walk import all_graphs
-
-    total = 0
-    for graph in all_graphs(model):
-        for value in getattr(graph, "initializers", {}).values():
-            if value.const_value is not None:
-                total += value.const_value.nbytes
-    return total
 
 
 def make_session(
@@ -77,7 +57,7 @@ def make_session(
         model = load_model(model)
     if extra_outputs:
         model = _with_extra_outputs(model, extra_outputs)
-    if _has_external_tensors(model) or _approx_bytes(model) > _IN_MEMORY_LIMIT:
+    if has_external_tensors(model) or weights_bytes(model) > _IN_MEMORY_LIMIT:
         with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as tmp:
             path = Path(tmp) / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")

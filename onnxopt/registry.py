@@ -14,13 +14,17 @@ from .pass_base import Pass
 
 
 class Registry:
-    def __init__(self, passes: list[type[Pass]], families: dict[str, list[str]] | None = None):
+    def __init__(self, passes: list[type[Pass]], families: dict[str, list[str]] | None = None,
+                 dispatch: dict[str, tuple[str, str, dict[str, str]]] | None = None):
         self._passes: dict[str, type[Pass]] = {}
         for cls in passes:
             self.register(cls)
         self._families: dict[str, list[str]] = {}
         for family, members in (families or {}).items():
             self.add_family(family, members)
+        self._dispatch: dict[str, tuple[str, str, dict[str, str]]] = {}
+        for name, (key, default, targets) in (dispatch or {}).items():
+            self.add_dispatch(name, key, default, targets)
 
     def register(self, cls: type[Pass]) -> None:
         if not cls.name or cls.name != cls.name.lower() or " " in cls.name:
@@ -36,6 +40,21 @@ class Registry:
         if missing:
             raise ValueError(f"family '{family}' names unknown passes: {missing}")
         self._families[family] = list(members)
+
+    def add_dispatch(self, name: str, key: str, default: str, targets: dict[str, str]) -> None:
+        """``name:key=V,...`` resolves to pass ``targets[V]`` with the remaining options."""
+        if name in self._passes or name in self._families:
+            raise ValueError(f"dispatch name '{name}' clashes with a pass or family")
+        unknown = [t for t in targets.values() if t not in self._passes]
+        if unknown or default not in targets:
+            raise ValueError(f"dispatch '{name}' names unknown passes or default: {unknown or default}")
+        self._dispatch[name] = (key, default, dict(targets))
+
+    def dispatch_names(self) -> list[str]:
+        return list(self._dispatch)
+
+    def dispatch(self, name: str) -> tuple[str, str, dict[str, str]] | None:
+        return self._dispatch.get(name)
 
     def names(self) -> list[str]:
         return list(self._passes)
@@ -53,13 +72,13 @@ class Registry:
             raise UsageError(self._unknown_message(name)) from None
 
     def _unknown_message(self, name: str) -> str:
-        known = self.names() + list(self._families)
+        known = self.names() + list(self._families) + list(self._dispatch)
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown pass '{name}'{hint}; valid passes: {', '.join(known)}"
 
     def check_known(self, name: str) -> None:
-        if name not in self._passes and name not in self._families:
+        if name not in self._passes and name not in self._families and name not in self._dispatch:
             raise UsageError(self._unknown_message(name))
 
 
@@ -68,4 +87,4 @@ def default_registry() -> Registry:
     """The registry of the bundled pass library (imported on first use, not at import time)."""
     from onnxopt import passes as library
 
-    return Registry(list(library.PASSES), dict(library.FAMILIES))
+    return Registry(list(library.PASSES), dict(library.FAMILIES), dict(getattr(library, "DISPATCH", {})))

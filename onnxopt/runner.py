@@ -272,9 +272,9 @@ class Runner:
         return [{"tensor": name, "sqnr_db": _jsonable(db)} for name, db in list(sqnr.items())[: self.config.sqnr_top]]
 
     def _fail(self, step, snapshot, status, reason, context):
+        # The snapshot is the model the cached analyses describe: the cache stays valid.
         step.status, step.reason = status, reason
         step.modified = False
-        context.invalidate()
         return snapshot, not self.config.keep_going
 
 

@@ -77,6 +77,14 @@ def _split_top_level(text: str) -> list[str]:
 
 def resolve_step(name: str, raw: dict[str, Any], registry: Registry) -> list[PassSpec]:
     registry.check_known(name)
+    routed = registry.dispatch(name)
+    if routed is not None:
+        key, default, targets = routed
+        raw = dict(raw)
+        choice = str(raw.pop(key, default))
+        if choice not in targets:
+            raise UsageError(f"'{name}' option '{key}' must be one of {', '.join(targets)}, not '{choice}'")
+        return resolve_step(targets[choice], raw, registry)
     if registry.is_family(name):
         if raw:
             raise UsageError(f"'{name}' is a family of passes and takes no options; "

@@ -93,3 +93,17 @@ def test_list_options_round_trip():
     value = convert_value(tuple[str, ...], "[Conv,MatMul]")
     assert value == ("Conv", "MatMul")
     assert convert_value(tuple[str, ...], format_value(value)) == value
+
+
+def test_dispatch_name_routes_by_option_and_prints_the_pass_itself():
+    registry = Registry([RenameNodesPass, PerturbWeightsPass], dispatch={
+        "noise": ("mode", "weights", {"weights": "perturb-weights", "names": "name-nodes"})})
+    specs = parse_pipeline(["noise:mode=weights,scale=0.5", "noise:mode=names", "noise"], registry)
+    assert pipeline_text(specs) == "perturb-weights:scale=0.5 name-nodes perturb-weights"
+    with pytest.raises(UsageError, match="must be one of weights, names"):
+        parse_pipeline(["noise:mode=bogus"], registry)
+
+
+def test_quantize_dispatches_to_the_quantization_passes():
+    text = pipeline_text(parse_pipeline(["quantize:mode=static,calibration=percentile", "quantize:mode=weights,bits=4"]))
+    assert text == "quantize-static:calibration=percentile quantize-weights:bits=4"
