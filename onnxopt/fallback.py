@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from .calibration import producer_names, tensor_sqnr
+from .calibration import activation_names, producer_names, tensor_sqnr
 from .graph_walk import all_nodes
 from .metrics import Budget
 from .snapshot import snapshot
@@ -40,9 +40,28 @@ class FallbackOutcome:
     stats: dict = field(default_factory=dict)
 
 
+def can_exclude_nodes(options) -> bool:
+    return "exclude_nodes" in {f.name for f in dataclasses.fields(options)}
+
+
 def supports_fallback(options, stats: dict) -> bool:
-    names = {f.name for f in dataclasses.fields(options)}
-    return "exclude_nodes" in names and bool(stats.get("quantized_nodes"))
+    return can_exclude_nodes(options) and bool(stats.get("quantized_nodes"))
+
+
+def name_unnamed_nodes(model: ir.Model) -> int:
+    """Give every unnamed node a unique ``<op>_<n>`` name so exclusion by name can reach it."""
+    used = {node.name for node in all_nodes(model) if node.name}
+    counters: dict[str, int] = {}
+    named = 0
+    for node in all_nodes(model):
+        if node.name:
+            continue
+        while f"{node.op_type}_{counters.get(node.op_type, 0)}" in used:
+            counters[node.op_type] = counters.get(node.op_type, 0) + 1
+        node.name = f"{node.op_type}_{counters.get(node.op_type, 0)}"
+        used.add(node.name)
+        named += 1
+    return named
 
 
 def rank_nodes(float_model: ir.Model, quant_model: ir.Model, feeds, candidates: list[str]) -> list[tuple[str, float]]:
@@ -62,7 +81,8 @@ def rank_nodes(float_model: ir.Model, quant_model: ir.Model, feeds, candidates: 
     for names in outputs.values():
         for t in names:
             tensors.update(float_inputs.get(t, ()))
-    sqnr = tensor_sqnr(float_model, quant_model, feeds, sorted(tensors))
+    present = set(activation_names(float_model)) & set(activation_names(quant_model))
+    sqnr = tensor_sqnr(float_model, quant_model, feeds, sorted(tensors & present))
     local: dict[str, float] = {}
     for node, names in outputs.items():
         out_db = min((sqnr[t] for t in names if t in sqnr), default=None)

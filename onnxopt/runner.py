@@ -170,6 +170,13 @@ class Runner:
         """Run one step; returns the model to continue with and whether to stop."""
         pass_ = spec.make_pass(self.registry, context)
         task = self.progress.add(f"pass {spec.name}", None)
+        if self._may_fall_back(pass_):
+            from .fallback import name_unnamed_nodes
+
+            named = name_unnamed_nodes(model)
+            if named:
+                result.notes.append(f"named {named} unnamed nodes before '{spec.name}' so mixed precision can "
+                                    "keep nodes in float by name")
         before = model_stats(model)
         snapshot = take_snapshot(model)
         for instrument in self.instruments:
@@ -238,10 +245,16 @@ class Runner:
             return "budget exceeded: " + "; ".join(comparison.breaches[:3])
         return None
 
+    def _may_fall_back(self, pass_) -> bool:
+        from .fallback import can_exclude_nodes
+
+        return (self.config.mixed_precision and self.config.validate == "each" and bool(self.config.budget)
+                and pass_.fidelity == Fidelity.LOSSY and can_exclude_nodes(pass_.options))
+
     def _can_fall_back(self, pass_, stats) -> bool:
         from .fallback import supports_fallback
 
-        return self.config.mixed_precision and self.config.validate == "each" and supports_fallback(pass_.options, stats)
+        return self._may_fall_back(pass_) and supports_fallback(pass_.options, stats)
 
     def _fall_back(self, spec, pass_, snapshot, model, stats, step, context, validator, reason):
         """Keep the most sensitive nodes in float until the budget holds (see fallback.py)."""

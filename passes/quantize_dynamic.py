@@ -157,6 +157,7 @@ class QuantizeDynamicPass(Pass):
                 self._matmul(graph, node, xq, x_scale, x_zero, namer, weights, stats)
             ops[node.op_type] += 1
         stats["nodes_quantized"] = len(plans)
+        stats["quantized_nodes"] = sorted({node.name for _, node in plans if node.name})
         stats["ops_quantized"] = dict(sorted(ops.items()))
         model.ir_version = max(model.ir_version, min_ir_version(default_opset(model)))
 

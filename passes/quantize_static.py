@@ -195,6 +195,8 @@ class _Rewriter:
             for value in group:
                 self._insert_qdq(self.alias.get(value, value), index)
         self.stats["nodes_quantized"] += len(self.plan.units)
+        self.stats["quantized_nodes"] = sorted(
+            set(self.stats.get("quantized_nodes", [])) | {u.node.name for u in self.plan.units if u.node.name})
         merged = collections.Counter(self.stats["ops_quantized"]) + ops
         self.stats["ops_quantized"] = dict(sorted(merged.items()))
 
