@@ -11,6 +11,18 @@ have no float weight input and are left alone. Blocked Conv weights are stored a
 [M, C/group * kernel] and reshaped back, so blocks span the whole reduction (a depthwise
 kernel gets one block, not one scale per weight). Formats needing a newer opset upgrade
 the model (``upgrade_opset``); a function importing an older opset is skipped with a reason.
+
+A weight stored as external data (an initializer backed by ``ir.ExternalTensor``) is not
+read by the pass: its quantized tensor, scale and zero point become ``ir.LazyTensor``s
+computed from the memory-mapped source when the model is saved (or handed to ORT), one
+tensor at a time, so peak memory follows the largest tensor, not the model (see
+``quantize_weights_lazy``). Other weights are quantized at once. Both paths give the same
+numbers as ``quant_math.quantize_weight``.
+
+Unnamed consumer nodes (MatMul/Gemm/Conv/Gather) get a deterministic name
+``<op_type>_<n>`` (skipping names in use) before nodes are selected, so ``nodes`` /
+``exclude_nodes`` can address them; the names stay on the nodes whose weights were
+quantized, listed in ``stats["quantized_nodes"]``, and are taken back from the others.
 """
 
 from __future__ import annotations
@@ -22,12 +34,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import UsageError
-from onnxopt.graph_walk import all_graphs
 from onnxopt.opset import default_opset, ensure_opset, min_ir_version
 from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.selectors import selector_field, selector_from_options
 
 from . import quant_math as qm
+from . import quantize_weights_lazy as lazy
+from .quantize_weights_store import Namer, Store, name_unnamed_nodes, stored_constants, take_back_names
 
 NAME = "quantize-weights"
 
@@ -84,6 +97,7 @@ class QuantizeWeightsOptions:
 
 # (op_type, input index) of the weight input of each supported consumer.
 _WEIGHT_SLOTS = {("MatMul", 1), ("Gemm", 1), ("Conv", 1), ("Gather", 0)}
+_CONSUMER_OPS = frozenset(op for op, _ in _WEIGHT_SLOTS)
 
 
 def _axes(node: ir.Node, rank: int) -> tuple[int | None, int | None]:
@@ -110,12 +124,21 @@ class _Group:
     graph: ir.Graph | ir.Function
     const_node: ir.Node | None
     tensor: ir.TensorProtocol
-    array: np.ndarray
+    shape: tuple[int, ...]
     uses: list[tuple[ir.Node, int]]
     axis: int | None  # per-axis or blocked axis of the stored form; None = per tensor
     block: int | None
     drops_original: bool
     flatten: bool = False  # blocked Conv: blocks run over C/group x kernel, stored as [M, C/group*k]
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return (self.shape[0], int(np.prod(self.shape[1:]))) if self.flatten else self.shape
+
+    @property
+    def deferred(self) -> bool:
+        """Computed at save time from the memory-mapped source instead of now."""
+        return self.const_node is None and isinstance(self.tensor, ir.ExternalTensor)
 
     def opset(self, bits: int) -> int:
         if bits == 1:
@@ -137,12 +160,32 @@ class QuantizeWeightsPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         opts = self.options
-        stats: dict = {"weights_quantized": 0, "bytes_before": 0, "bytes_after": 0, "skipped": {}}
+        stats: dict = {"weights_quantized": 0, "bytes_before": 0, "bytes_after": 0, "skipped": {},
+                       "quantized_nodes": []}
         if opts.clip is not None:
             stats["clipped"] = {}
+        assigned = name_unnamed_nodes(model, _CONSUMER_OPS)
+        try:
+            groups = self._plan_and_upgrade(model, stats)
+        except BaseException:
+            take_back_names(model, assigned, keep=set())
+            raise
+        consumers = {node for group in groups for node, _ in group.uses}
+        take_back_names(model, assigned, keep=consumers)
+        if not groups:
+            return PassResult(model, "opset_upgraded" in stats, stats)
+        stats["quantized_nodes"] = sorted({node.name for node in consumers})
+        namer = Namer(model)
+        for group in groups:
+            self._apply(group, namer, stats)
+        model.ir_version = max(model.ir_version, min_ir_version(default_opset(model)))
+        return PassResult(model, True, stats)
+
+    def _plan_and_upgrade(self, model: ir.Model, stats: dict) -> list[_Group]:
+        opts = self.options
         groups = self._plan(model, stats["skipped"])
         if not groups:
-            return PassResult(model, False, stats)
+            return groups
         needed = max(g.opset(opts.bits) for g in groups)
         current = default_opset(model)
         if needed > current:
@@ -154,11 +197,7 @@ class QuantizeWeightsPass(Pass):
             stats["opset_upgraded"] = f"{current}->{needed}"
             stats["skipped"] = {}
             groups = self._plan(model, stats["skipped"])
-        namer = _Namer(model)
-        for group in groups:
-            self._apply(group, namer, stats)
-        model.ir_version = max(model.ir_version, min_ir_version(default_opset(model)))
-        return PassResult(model, True, stats)
+        return groups
 
     # -- planning -------------------------------------------------------------------------
     def _plan(self, model: ir.Model, skipped: dict) -> list[_Group]:
@@ -166,7 +205,7 @@ class QuantizeWeightsPass(Pass):
         selector = selector_from_options(opts)
         selected = None if selector.is_trivial else set(selector.select(model))
         groups: list[_Group] = []
-        for graph, value, const_node, tensor in _stored_constants(model):
+        for graph, value, const_node, tensor in stored_constants(model):
             uses = [(u.node, u.idx) for u in value.uses()]
             slots = [(n, i) for n, i in uses if n.domain in ("", "ai.onnx") and (n.op_type, i) in _WEIGHT_SLOTS]
             if not slots:
@@ -179,7 +218,7 @@ class QuantizeWeightsPass(Pass):
             if reason:
                 skipped[name] = reason
                 continue
-            array = tensor.numpy()
+            shape = tuple(int(d) for d in tensor.shape.numpy())
             if opts.fork_shared:
                 keep_original = len(chosen) < len(uses)
                 parts = [[use] for use in chosen]
@@ -187,15 +226,15 @@ class QuantizeWeightsPass(Pass):
                 keep_original = False
                 parts = [chosen]
             for part in parts:
-                axis_block = {self._layout(n, array.ndim) for n, _ in part}
+                axis_block = {self._layout(n, len(shape)) for n, _ in part}
                 if len(axis_block) > 1:
                     skipped[name] = "its consumers need different channel axes; set fork_shared=true"
                     break
             else:
                 for part in parts:
-                    axis, block = self._layout(part[0][0], array.ndim)
-                    flat = block is not None and part[0][0].op_type == "Conv" and int(np.prod(array.shape[2:])) > 1
-                    group = _Group(value, graph, const_node, tensor, array, part, axis, block, not keep_original, flat)
+                    axis, block = self._layout(part[0][0], len(shape))
+                    flat = block is not None and part[0][0].op_type == "Conv" and int(np.prod(shape[2:])) > 1
+                    group = _Group(value, graph, const_node, tensor, shape, part, axis, block, not keep_original, flat)
                     if isinstance(graph, ir.Function):  # functions import their own opset; not upgraded here
                         have = graph.opset_imports.get("", 1)
                         if have < group.opset(opts.bits):
@@ -230,34 +269,30 @@ class QuantizeWeightsPass(Pass):
         return channel, None
 
     # -- rewriting ------------------------------------------------------------------------
-    def _apply(self, group: _Group, namer: _Namer, stats: dict) -> None:
+    def _apply(self, group: _Group, namer: Namer, stats: dict) -> None:
         opts = self.options
         base = group.value.name or "weight"
         as_nodes = group.const_node is not None or not isinstance(group.graph, ir.Graph)
-        store = _Store(group.graph, namer, as_nodes)
-        w = group.array.astype(np.float32)
-        stored = w.reshape(w.shape[0], -1) if group.flatten else w
+        store = Store(group.graph, namer, as_nodes)
         if opts.bits == 1:
-            out = self._binary(w, group, base, store)
+            out = self._binary(group, base, store)
         else:
             qtype = qm.QuantType(opts.bits, opts.signed)
-            q, scale, zp, clipped = qm.quantize_weight(
-                stored, qtype, group.axis, group.block, opts.symmetric, opts.pow2, opts.clip_percentile)
+            q, scale, zp, clipped = self._quantized_tensors(group, qtype)
             if opts.clip is not None:
                 stats["clipped"][base] = stats["clipped"].get(base, 0) + clipped
-            inputs = [store.const(f"{base}_quantized", ir.tensor(q, dtype=qtype.ir_dtype)),
-                      store.const(f"{base}_scale", ir.tensor(scale))]
+            inputs = [store.const(f"{base}_quantized", q), store.const(f"{base}_scale", scale)]
             if not (opts.symmetric and opts.signed):
-                inputs.append(store.const(f"{base}_zero_point", ir.tensor(zp, dtype=qtype.ir_dtype)))
+                inputs.append(store.const(f"{base}_zero_point", zp))
             attrs = {} if group.axis is None else {"axis": group.axis}
             if group.block:
                 attrs["block_size"] = group.block
             out = store.op("DequantizeLinear", inputs, attrs, None if group.flatten else f"{base}_dequantized")
             if group.flatten:
-                out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(stored.shape)
-                shape = store.const(f"{base}_shape", ir.tensor(np.array(w.shape, dtype=np.int64)))
+                out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(group.stored_shape)
+                shape = store.const(f"{base}_shape", ir.tensor(np.array(group.shape, dtype=np.int64)))
                 out = store.op("Reshape", [out, shape], name=f"{base}_dequantized")
-        out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(w.shape)
+        out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(group.shape)
         store.insert(group.const_node)
         for node, index in group.uses:
             node.replace_input_with(index, out)
@@ -270,17 +305,53 @@ class QuantizeWeightsPass(Pass):
             elif group.value.name in getattr(group.graph, "initializers", {}):
                 group.graph.initializers.pop(group.value.name)
 
-    def _binary(self, w: np.ndarray, group: _Group, base: str, store: _Store) -> ir.Value:
+    def _quantized_tensors(self, group: _Group, qtype: qm.QuantType):
+        """(quantized, scale, zero point, clipped count): computed now, or deferred to save time."""
+        opts = self.options
+        stored = group.stored_shape
+        args = (qtype, group.axis, group.block, opts.symmetric, opts.pow2, opts.clip_percentile)
+        source = lazy.WeightSource(group.tensor)
+        if not group.deferred:
+            q, scale, zp, clipped = source.apply(lambda w: lazy.quantize_tensor(w.reshape(stored), *args))
+            return q, ir.tensor(scale), ir.tensor(zp, dtype=qtype.ir_dtype), clipped
+        params = lazy.param_shape(stored, group.axis, group.block)
+        q = lazy.deferred(source, lambda w: lazy.quantize_tensor(w.reshape(stored), *args)[0], qtype.ir_dtype, stored)
+        scale = lazy.deferred(source, lambda w: lazy.weight_params(w.reshape(stored), *args)[0],
+                              ir.DataType.FLOAT, params)
+        zp = lazy.deferred(source, lambda w: lazy.weight_params(w.reshape(stored), *args)[1], qtype.ir_dtype, params)
+        clipped = 0
+        if opts.clip is not None:  # a statistic of this run: one bounded read of the weight now
+            clipped = source.apply(lambda w: lazy.weight_params(w.reshape(stored), *args)[2])
+        return q, scale, zp, clipped
+
+    def _binary_tensors(self, group: _Group):
+        """(packed sign bits, scale, -scale), computed now or deferred to save time."""
+        shape, axis = group.shape, group.axis
+        scale_shape = () if axis is None else tuple(d if i == axis else 1 for i, d in enumerate(shape))
+
+        def scale_of(w: np.ndarray) -> np.ndarray:
+            if axis is None:
+                return qm.binary_scale(w.reshape(1, -1), axis=0).reshape(())
+            return qm.binary_scale(w, axis).reshape(scale_shape)
+
+        def bits_of(w: np.ndarray) -> np.ndarray:
+            return qm.pack_bits(w >= 0)
+
+        source = lazy.WeightSource(group.tensor)
+        if not group.deferred:
+            packed, scale = source.apply(lambda w: (bits_of(w), scale_of(w)))
+            return ir.tensor(packed), ir.tensor(scale), ir.tensor(-scale)
+        size = int(np.prod(shape))
+        return (lazy.deferred(source, bits_of, ir.DataType.UINT8, ((size + 7) // 8,)),
+                lazy.deferred(source, scale_of, ir.DataType.FLOAT, scale_shape),
+                lazy.deferred(source, lambda w: -scale_of(w), ir.DataType.FLOAT, scale_shape))
+
+    def _binary(self, group: _Group, base: str, store: Store) -> ir.Value:
         """sign(w) in one bit per weight: Where(bit, scale, -scale), scale = mean |w| per channel."""
-        n = w.size
-        if group.axis is None:
-            scale = qm.binary_scale(w.reshape(1, -1), axis=0).reshape(())
-        else:
-            shape = [1] * w.ndim
-            shape[group.axis] = w.shape[group.axis]
-            scale = qm.binary_scale(w, group.axis).reshape(shape)
+        n = int(np.prod(group.shape))
+        bits_tensor, scale, neg_scale = self._binary_tensors(group)
         i64 = lambda *v: ir.tensor(np.array(v, dtype=np.int64))  # noqa: E731
-        packed = store.const(f"{base}_bits", ir.tensor(qm.pack_bits(w >= 0)))
+        packed = store.const(f"{base}_bits", bits_tensor)
         col = store.op("Reshape", [packed, store.const(f"{base}_col", i64(-1, 1))])
         shifts = store.const(f"{base}_shifts", ir.tensor(np.arange(8, dtype=np.uint8)))
         shifted = store.op("BitShift", [col, shifts], {"direction": "RIGHT"})
@@ -290,80 +361,7 @@ class QuantizeWeightsPass(Pass):
         if n % 8:
             flat = store.op("Slice", [flat, store.const(f"{base}_start", i64(0)), store.const(f"{base}_end", i64(n))])
         flags = store.op("Cast", [flat], {"to": ir.DataType.BOOL})
-        shaped = store.op("Reshape", [flags, store.const(f"{base}_shape", i64(*w.shape))])
-        pos = store.const(f"{base}_scale", ir.tensor(scale))
-        neg = store.const(f"{base}_neg_scale", ir.tensor(-scale))
+        shaped = store.op("Reshape", [flags, store.const(f"{base}_shape", i64(*group.shape))])
+        pos = store.const(f"{base}_scale", scale)
+        neg = store.const(f"{base}_neg_scale", neg_scale)
         return store.op("Where", [shaped, pos, neg], name=f"{base}_dequantized")
-
-
-def _stored_constants(model: ir.Model):
-    """(graph, value, Constant node or None, tensor) for every initializer and tensor Constant."""
-    for graph in all_graphs(model):
-        if isinstance(graph, ir.Graph):
-            for value in list(graph.initializers.values()):
-                if value.const_value is not None:
-                    yield graph, value, None, value.const_value
-        for node in list(graph):
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and set(node.attributes) == {"value"}:
-                yield graph, node.outputs[0], node, node.attributes["value"].as_tensor()
-
-
-class _Namer:
-    """Fresh value and node names that collide with nothing in the model."""
-
-    def __init__(self, model: ir.Model):
-        self.used: set[str] = set()
-        for graph in all_graphs(model):
-            self.used.update(v.name for v in graph.inputs if v.name)
-            self.used.update(getattr(graph, "initializers", {}).keys())
-            for node in graph:
-                self.used.update(v.name for v in node.outputs if v.name)
-                if node.name:
-                    self.used.add(node.name)
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
-
-
-class _Store:
-    """Builds constants (initializers or Constant nodes) and ops for one weight, then inserts them."""
-
-    def __init__(self, graph, namer: _Namer, as_nodes: bool):
-        self.graph, self.namer, self.as_nodes = graph, namer, as_nodes
-        self.nodes: list[ir.Node] = []
-        self.nbytes = 0
-
-    def const(self, base: str, tensor: ir.TensorProtocol) -> ir.Value:
-        name = self.namer.fresh(base)
-        tensor.name = name
-        self.nbytes += tensor.nbytes
-        if self.as_nodes:
-            node = ir.node("Constant", [], {"value": tensor}, name=self.namer.fresh(f"{name}_node"))
-            value = node.outputs[0]
-            value.name = name
-            self.nodes.append(node)
-        else:
-            value = ir.Value(name=name, const_value=tensor)
-            self.graph.register_initializer(value)
-        value.dtype, value.shape = tensor.dtype, ir.Shape(tensor.shape.numpy())
-        value.const_value = tensor
-        return value
-
-    def op(self, op_type: str, inputs, attrs=None, name: str | None = None) -> ir.Value:
-        node = ir.node(op_type, inputs, attrs or {}, name=self.namer.fresh(f"{name or inputs[0].name}_{op_type}"))
-        out = node.outputs[0]
-        out.name = self.namer.fresh(name or f"{node.name}_out")
-        self.nodes.append(node)
-        return out
-
-    def insert(self, after: ir.Node | None) -> None:
-        if after is not None:
-            self.graph.insert_after(after, self.nodes)
-        elif len(self.graph):
-            self.graph.insert_before(self.graph[0], self.nodes)
-        else:
-            self.graph.extend(self.nodes)

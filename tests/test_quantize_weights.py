@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from onnx import numpy_helper
 from onnxopt.errors import UsageError
 from onnxopt.opset import default_opset, ensure_opset
 from onnxopt.options import build_options
+from onnxopt.passes import quant_math as qm
+from onnxopt.passes import quantize_weights_lazy as lazy
 from onnxopt.passes.quantize_weights import QuantizeWeightsOptions, QuantizeWeightsPass
 
 MLP = """<ir_version: 8, opset_import: ["" : OPSET]>
@@ -335,3 +339,70 @@ def test_ppocr_classifier_keeps_its_decisions(options, tolerance):
         want, got = run_ort(reference, {"x": x})[0], run_ort(model, {"x": x})[0]
         assert want.argmax() == got.argmax()
         assert np.abs(want - got).max() < tolerance
+
+
+CONSUMERS = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[4,64] x) => (float[4,48] y) {
+    [MatMul_0] r = Relu(x)
+    a = MatMul(r, w1)
+    [proj] b = MatMul(r, w2)
+    c = MatMul(r, w3)
+    s = Add(a, b)
+    y = Add(s, c)
+}"""
+
+
+def test_unnamed_consumers_get_stable_names_that_exclude_nodes_can_address():
+    def consumers(model):
+        return [n.name for n in model.graph if n.op_type == "MatMul"]
+
+    model = with_weights(CONSUMERS, w1=(64, 48), w2=(64, 48), w3=(64, 48))
+    result = quantize(model)
+    # "MatMul_0" is taken by the Relu: the unnamed MatMuls become MatMul_1 and MatMul_2
+    assert result.stats["quantized_nodes"] == ["MatMul_1", "MatMul_2", "proj"]
+    assert consumers(model) == ["MatMul_1", "proj", "MatMul_2"]
+    again = with_weights(CONSUMERS, w1=(64, 48), w2=(64, 48), w3=(64, 48))
+    before = again.clone()
+    result = quantize(again, exclude_nodes=(f"^{re.escape('MatMul_1')}$",))
+    assert result.stats["quantized_nodes"] == ["MatMul_2", "proj"]
+    assert "w1" in again.graph.initializers and "w3" not in again.graph.initializers
+    assert consumers(again) == ["", "proj", "MatMul_2"]  # the excluded node gets its empty name back
+    assert relative_error(before, again) < 0.02
+
+
+def test_no_op_run_leaves_node_names_alone():
+    model = with_weights(CONSUMERS, w1=(64, 48), w2=(64, 48), w3=(64, 48))
+    result = QuantizeWeightsPass(min_elements=10_000)(model)
+    assert not result.modified and result.stats["quantized_nodes"] == []
+    assert [n.name for n in model.graph] == ["MatMul_0", "", "proj", "", "", ""]
+
+
+_KERNEL_CASES = [  # (shape, bits, signed, axis, block, symmetric, pow2, clip)
+    ((64, 48), 4, True, 0, 16, True, False, None), ((64, 48), 4, True, 0, 5, True, False, None),
+    ((48, 64), 4, True, 1, 16, True, False, None), ((64, 48), 8, True, 1, None, True, False, None),
+    ((64, 48), 8, False, 0, None, False, False, None), ((64, 48), 8, True, None, None, True, False, None),
+    ((16, 8, 3, 3), 4, False, 1, 7, False, True, None), ((16, 8, 3, 3), 8, True, 0, None, True, True, None),
+    ((3, 70, 5), 2, True, 1, 16, True, False, None), ((64, 48), 8, True, 1, None, True, False, 99.0),
+    ((64, 48), 4, True, 0, 16, False, False, 99.0), ((200,), 8, True, None, None, True, False, 99.0),
+]
+
+
+@pytest.mark.parametrize("shape,bits,signed,axis,block,symmetric,pow2,clip", _KERNEL_CASES)
+def test_chunked_kernel_matches_quant_math_exactly(monkeypatch, shape, bits, signed, axis, block, symmetric, pow2, clip):
+    monkeypatch.setattr(lazy, "CHUNK_ELEMENTS", 37)  # many chunks, most of them ragged
+    w = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    w.reshape(-1)[[5, 77, 140]] = [np.nan, np.inf, -np.inf]
+    qtype = qm.QuantType(bits, signed)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = qm.quantize_weight(w, qtype, axis, block, symmetric, pow2, clip)
+        got = lazy.quantize_array(w, qtype, axis, block, symmetric, pow2, clip)
+        params = lazy.weight_params(w, qtype, axis, block, symmetric, pow2, clip)
+        tensor = lazy.quantize_tensor(w, qtype, axis, block, symmetric, pow2, clip)[0]
+    assert got[0].dtype == want[0].dtype
+    np.testing.assert_array_equal(got[0].astype(np.int32), want[0].astype(np.int32))
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2].astype(np.int32), want[2].astype(np.int32))
+    assert got[3] == want[3] == params[2]
+    np.testing.assert_array_equal(params[0], want[1])
+    assert tensor.tobytes() == ir.tensor(want[0], dtype=qtype.ir_dtype).tobytes()  # packed like onnx_ir packs
