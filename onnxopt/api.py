@@ -128,8 +128,9 @@ def validate_models(reference: str | Path, candidate: str | Path, *, data: str |
                     dims: dict[str, int] | None = None, samples: int | None = None,
                     budget: str | Budget | None = None, tolerance: Tolerance | None = None,
                     progress: Progress | None = None) -> Comparison:
-    """Compare two models' outputs on the same feeds. ``comparison.equal`` is within tolerance."""
-    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    """Compare two models' outputs on the same feeds. ``comparison.equal`` is within tolerance;
+    with a budget, ``comparison.breaches`` lists what falls outside it."""
+    budget = budget if isinstance(budget, Budget) else (Budget.parse(budget) if budget else Budget())
     ref_model = load_model(reference)
     cand_model = load_model(candidate)
     feeds, _ = make_feeds(ref_model, data, dims, samples)

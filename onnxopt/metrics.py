@@ -124,6 +124,11 @@ class Tolerance:
         return True
 
 
+# The budget lossy passes get when the user names none (``--budget none`` turns it off):
+# keep the output direction and, where outputs are class scores, 99% of the decisions.
+DEFAULT_BUDGET = "cosine=0.99,agreement=0.99"
+
+
 @dataclass(frozen=True)
 class Budget:
     """Limits on the worst output's metrics, e.g. ``snr_db=30,cosine=0.999``."""
@@ -132,7 +137,10 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str | None) -> Budget:
-        if not text:
+        """``None`` means the default budget; ``"none"`` (or ``""``) means no budget."""
+        if text is None:
+            text = DEFAULT_BUDGET
+        if not text or text.strip().lower() in ("none", "off"):
             return cls()
         limits = []
         for part in text.split(","):
