@@ -7,7 +7,7 @@ LayerNorm -> MatMul [d, 4d] -> bias, Gelu -> MatMul [4d, d] -> residual, then a 
 LayerNorm and LM head. It runs in ONNX Runtime (input ``ids`` int64[seq], output logits).
 
 Then, each tool in a fresh child process (wall time of the work after imports, peak RSS
-of the child: VmHWM, see ``peak_rss_bytes``):
+of the child: VmHWM, see ``common.peak_rss_bytes``):
 
 * ``copy``: shutil.copyfile of model and data, the baseline;
 * ``onnxopt-int4``: ``onnxopt optimize -p quantize-weights:bits=4,granularity=blocked --validate off``;
@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 TOOLS = ("copy", "onnxopt-int4", "onnxopt-int8", "ort-matmulnbits", "ort-dynamic")
 PEERS = ("ort-matmulnbits", "ort-dynamic")
@@ -126,25 +129,6 @@ def generate(directory: Path, gb: float, dim: int | None = None, seed: int = 0) 
 
 
 # -- child processes -------------------------------------------------------------------------
-def peak_rss_bytes() -> int:
-    """Peak RSS of this process image: VmHWM where Linux has it, else getrusage's ru_maxrss.
-
-    getrusage(RUSAGE_SELF).ru_maxrss is not used on Linux because it keeps the high-water
-    mark of the pre-exec image, i.e. of the parent that forked us: a child of a 400 MB
-    parent reports 400 MB before doing anything. VmHWM belongs to the exec'd image only.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 def worker(tool: str, source: str, target: str) -> None:
     """Run one tool; print one JSON line: seconds (after imports), peak and post-import RSS."""
     if tool.startswith("onnxopt"):
@@ -154,7 +138,7 @@ def worker(tool: str, source: str, target: str) -> None:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     elif tool == "ort-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
-    import_rss = peak_rss_bytes()
+    import_rss = common.peak_rss_bytes()
     start = time.perf_counter()
     if tool == "copy":
         for name in ("model.onnx", "model.onnx.data"):
@@ -175,7 +159,7 @@ def worker(tool: str, source: str, target: str) -> None:
     else:
         raise SystemExit(f"unknown tool {tool}")
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "import_rss_bytes": import_rss}))
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": common.peak_rss_bytes(), "import_rss_bytes": import_rss}))
 
 
 def run_tool(tool: str, source: Path, out_dir: Path, timeout: float | None) -> dict:

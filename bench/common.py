@@ -22,10 +22,27 @@ def run_child(script: Path, args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def peak_rss_mb() -> float:
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process image: VmHWM where Linux has it, else getrusage's ru_maxrss.
+
+    getrusage(RUSAGE_SELF).ru_maxrss is not used on Linux because it keeps the high-water
+    mark of the pre-exec image, i.e. of the parent that forked us: a child of a 400 MB
+    parent reports 400 MB before doing anything. VmHWM belongs to the exec'd image only.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def peak_rss_mb() -> float:
+    return peak_rss_bytes() / (1 << 20)
 
 
 def count_nodes(proto: onnx.ModelProto) -> int:

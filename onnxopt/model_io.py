@@ -94,11 +94,16 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     return model
 
 
-def has_external_tensors(model: ir.Model) -> bool:
+def _has_initializers_of(model: ir.Model, kinds: tuple[type, ...]) -> bool:
     from .graph_walk import all_graphs
 
-    return any(isinstance(value.const_value, ir.ExternalTensor)
+    return any(isinstance(value.const_value, kinds)
                for graph in all_graphs(model) for value in getattr(graph, "initializers", {}).values())
+
+
+def has_deferred_tensors(model: ir.Model) -> bool:
+    """Initializers read from a file (external data) or computed on demand (lazy)."""
+    return _has_initializers_of(model, (ir.ExternalTensor, ir.LazyTensor))
 
 
 def weights_bytes(model: ir.Model) -> int:
@@ -118,16 +123,9 @@ def weights_bytes(model: ir.Model) -> int:
     return total
 
 
-def _has_lazy_initializers(model: ir.Model) -> bool:
-    from .graph_walk import all_graphs
-
-    return any(isinstance(value.const_value, ir.LazyTensor)
-               for graph in all_graphs(model) for value in getattr(graph, "initializers", {}).values())
-
-
 def needs_external_data(model: ir.Model) -> bool:
     """Weights over ~1.8 GB, or initializers computed lazily (streamed one by one, never all embedded)."""
-    return weights_bytes(model) > EXTERNAL_DATA_THRESHOLD or _has_lazy_initializers(model)
+    return weights_bytes(model) > EXTERNAL_DATA_THRESHOLD or _has_initializers_of(model, (ir.LazyTensor,))
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

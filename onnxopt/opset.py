@@ -77,7 +77,7 @@ def _convert_with_onnxscript(model: ir.Model, target: int) -> ir.Model | None:
         return None
     if target < 18:  # onnxscript converts to 18 and newer only
         return None
-    work = ir.from_proto(ir.to_proto(model))
+    work = _with_base_dir(ir.from_proto(ir.to_proto(model)), model)
     convert_version(work, target, fallback=False)
     return work if default_opset(work) >= target else None
 
@@ -85,7 +85,25 @@ def _convert_with_onnxscript(model: ir.Model, target: int) -> ir.Model | None:
 def _convert_with_onnx(model: ir.Model, target: int) -> ir.Model:
     proto = ir.to_proto(model)
     converted = onnx.version_converter.convert_version(proto, target)
-    return ir.from_proto(converted)
+    return _with_base_dir(ir.from_proto(converted), model)
+
+
+def _external_base_dir(model: ir.Model) -> str | None:
+    from .graph_walk import all_graphs
+
+    for graph in all_graphs(model):
+        for value in getattr(graph, "initializers", {}).values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                return value.const_value.base_dir
+    return None
+
+
+def _with_base_dir(converted: ir.Model, original: ir.Model) -> ir.Model:
+    """Protobuf round trips forget where external data lives: point it back at the original's directory."""
+    base_dir = _external_base_dir(original)
+    if base_dir:
+        ir.external_data.set_base_dir(converted.graph, base_dir)
+    return converted
 
 
 def _check(model: ir.Model, minimum: int) -> None:
@@ -93,7 +111,9 @@ def _check(model: ir.Model, minimum: int) -> None:
     if default_opset(model) < minimum:
         raise ValueError(f"the converter left opset {default_opset(model)}")
     model.ir_version = max(model.ir_version, min_ir_version(minimum))
-    onnx.checker.check_model(ir.to_proto(model))
+    from .verify import proto_for_checking
+
+    onnx.checker.check_model(proto_for_checking(model))
 
 
 def _replace_contents(model: ir.Model, source: ir.Model) -> None:

@@ -17,7 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from .errors import InputError
-from .model_io import has_external_tensors, weights_bytes
+from .model_io import has_deferred_tensors, weights_bytes
 
 # Models whose serialized protobuf would exceed this are handed to ORT as files.
 _IN_MEMORY_LIMIT = 1_500_000_000
@@ -57,7 +57,7 @@ def make_session(
         model = load_model(model)
     if extra_outputs:
         model = _with_extra_outputs(model, extra_outputs)
-    if has_external_tensors(model) or weights_bytes(model) > _IN_MEMORY_LIMIT:
+    if has_deferred_tensors(model) or weights_bytes(model) > _IN_MEMORY_LIMIT:
         with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as tmp:
             path = Path(tmp) / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")

@@ -16,7 +16,7 @@ _UNREAD_LOCATION = "#onnxopt-verify-data-not-read"
 def structural_problems(model: ir.Model) -> list[str]:
     """Problems found by our graph checks and the onnx checker (external data is not read)."""
     try:
-        proto = _proto_without_deferred_data(model)
+        proto = proto_for_checking(model)
     except Exception as exc:  # serialization of a broken IR raises many types
         return [f"model cannot be serialized: {exc}"]
     problems = structure_problems(proto)
@@ -30,7 +30,7 @@ def structural_problems(model: ir.Model) -> list[str]:
     return problems
 
 
-def _proto_without_deferred_data(model: ir.Model):
+def proto_for_checking(model: ir.Model):
     """The model as protobuf, initializers held as external or lazy tensors described but not read.
 
     ``ir.to_proto`` would compute every ``ir.LazyTensor`` and embed its bytes (the whole
