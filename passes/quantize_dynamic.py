@@ -48,6 +48,7 @@ class QuantizeDynamicOptions:
         "u8s8 kernels saturate on x86 without VNNI")
     per_channel: bool = _opt(True, "one weight scale per output column instead of per tensor")
     min_reduction: int = _opt(64, "leave float a node with fewer multiply-adds per output (K, or Cin*kh*kw)")
+    pow2: bool = _opt(False, "power-of-two weight scales (2^-n); activation scales are computed at run time")
     nodes: tuple[str, ...] = selector_field("nodes")
     exclude_nodes: tuple[str, ...] = selector_field("exclude_nodes")
     exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
@@ -166,7 +167,7 @@ class QuantizeDynamicPass(Pass):
         source = node.inputs[1]
         key = (source, f"{node.op_type}:{axis}:{qtype.name}:{_transposed(node)}")
         if key not in weights:
-            q, scale, zp, _ = qm.quantize_weight(w, qtype, axis, symmetric=True)
+            q, scale, zp, _ = qm.quantize_weight(w, qtype, axis, symmetric=True, pow2=self.options.pow2)
             producer = source.producer()
             owner = producer.graph if producer is not None else (source.graph or graph)
             base = source.name or "weight"

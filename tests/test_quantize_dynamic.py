@@ -152,3 +152,18 @@ def test_bad_options_are_refused():
         QuantizeDynamicPass(ops=("Softmax",))
     with pytest.raises(UsageError, match="matched no node"):
         quantize(with_weights(MATMUL, w=(96, 24), b=(24,)), nodes=("nothing",))
+
+
+def test_pow2_weight_scales_are_powers_of_two_and_stay_accurate():
+    reference = with_weights(MATMUL, w=(96, 24), b=(24,))
+    x = np.random.default_rng(3).standard_normal((4, 96)).astype(np.float32)
+    want = run_ort(reference, {"x": x})[0]
+    errors = {}
+    for pow2 in (False, True):
+        model = with_weights(MATMUL, w=(96, 24), b=(24,))
+        quantize(model, pow2=pow2)
+        errors[pow2] = np.max(np.abs(run_ort(model, {"x": x})[0] - want))
+    constant_muls = [n for n in model.graph if n.op_type == "Mul" and n.inputs[1].const_value is not None]
+    scales = constant_muls[0].inputs[1].const_value.numpy()
+    assert np.allclose(np.log2(scales), np.round(np.log2(scales)))
+    assert errors[True] <= 4 * errors[False] + 1e-3  # at most one bit of weight precision lost
