@@ -4,6 +4,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+__all__ = [
+    "Fidelity", "InputError", "NoOptions", "OnnxoptError", "Pass", "PassContext", "PassCrashed", "PassResult",
+    "PassSpec", "UnsafeExternalDataError", "UsageError", "ValidationFailed", "all_graphs", "all_nodes",
+    "count_nodes", "parse_pipeline", "parse_recipe", "pipeline_text",
+]
+
 from .errors import (  # noqa: E402
     InputError,
     OnnxoptError,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from .calibration import activation_names, producer_names, tensor_sqnr
+from .calibration import activation_names, tensor_sqnr
 from .graph_walk import all_nodes
 from .metrics import Budget
 from .snapshot import snapshot
