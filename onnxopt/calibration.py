@@ -139,7 +139,8 @@ def _exposed(model: ir.Model, names: Sequence[str], dtypes: dict[str, ir.DataTyp
 def stream_tensors(models: Sequence[ir.Model], feeds: Iterable[Feed], names: Sequence[str],
                    make: Callable[[], object], update: Callable[[object, list[np.ndarray]], None], *,
                    memory_budget_mb: float = 256, first_chunk: int = 64,
-                   dtypes: Sequence[dict] | None = None) -> tuple[dict[str, object], set[str]]:
+                   dtypes: Sequence[dict] | None = None, progress=None,
+                   label: str = "calibrate") -> tuple[dict[str, object], set[str]]:
     """Stream tensors ``names`` of ``models`` (same inputs) over ``feeds``, a chunk of tensors per
     session: ``update(state, [array per model])`` for each tensor and feed, ``state = make()``.
 
@@ -159,10 +160,15 @@ def stream_tensors(models: Sequence[ir.Model], feeds: Iterable[Feed], names: Seq
     states: dict[str, object] = {}
     failed: set[str] = set()
     pending, chunk = list(names), first_chunk
+    task = progress.add(f"{label} ({len(feeds)} samples)", len(names)) if progress else None
     while pending:
         part, pending = pending[:chunk], pending[chunk:]
         used = _run_chunk(models, dtypes, feeds, part, main, make, update, states, failed)
         chunk = int(min(1024, max(8, memory_budget_mb * 2**20 / max(used / max(len(part), 1), 1.0))))
+        if task is not None:
+            progress.advance(task, len(part))
+    if task is not None:
+        progress.done(task)
     return states, failed
 
 
@@ -222,7 +228,7 @@ def _run_chunk(models, dtypes, feeds, names, main, make, update, states, failed)
 
 def collect_statistics(model: ir.Model, feeds: Iterable[Feed], tensors: Sequence[str] | None = None, *,
                        histogram: bool = True, bins: int = DEFAULT_BINS,
-                       memory_budget_mb: float = 256) -> dict[str, MinMaxStats]:
+                       memory_budget_mb: float = 256, progress=None) -> dict[str, MinMaxStats]:
     """Streaming statistics of activations ``tensors`` (default: :func:`activation_names`).
 
     Tensors that never ran (an If branch no sample took) or could not be exposed are absent.
@@ -231,7 +237,7 @@ def collect_statistics(model: ir.Model, feeds: Iterable[Feed], tensors: Sequence
     names = activation_names(model, dtypes) if tensors is None else list(tensors)
     make = (lambda: HistogramStats(bins)) if histogram else MinMaxStats
     states, _ = stream_tensors([model], feeds, names, make, lambda s, arrays: s.update(arrays[0]),
-                               memory_budget_mb=memory_budget_mb, dtypes=[dtypes])
+                               memory_budget_mb=memory_budget_mb, dtypes=[dtypes], progress=progress)
     return {name: s for name, s in states.items() if s.count}
 
 
@@ -270,7 +276,8 @@ class _ErrorEnergy:
 
 
 def tensor_sqnr(float_model: ir.Model, quant_model: ir.Model, feeds: Iterable[Feed],
-                tensors: Sequence[str] | None = None, *, memory_budget_mb: float = 256) -> dict[str, float]:
+                tensors: Sequence[str] | None = None, *, memory_budget_mb: float = 256,
+                progress=None) -> dict[str, float]:
     """Signal-to-quantization-noise ratio (dB) of every float tensor both models compute under
     the same name (default: all but the graph inputs), summed over ``feeds``; worst first."""
     dtypes = [_value_dtypes(float_model), _value_dtypes(quant_model)]
@@ -279,7 +286,8 @@ def tensor_sqnr(float_model: ir.Model, quant_model: ir.Model, feeds: Iterable[Fe
         theirs = set(activation_names(quant_model, dtypes[1]))
         tensors = [n for n in activation_names(float_model, dtypes[0]) if n in theirs and n not in inputs]
     states, _ = stream_tensors([float_model, quant_model], feeds, list(tensors), _ErrorEnergy,
-                               lambda s, arrays: s.update(arrays), memory_budget_mb=memory_budget_mb, dtypes=dtypes)
+                               lambda s, arrays: s.update(arrays), memory_budget_mb=memory_budget_mb, dtypes=dtypes,
+                               progress=progress, label="compare tensors")
     sqnr = {name: s.db() for name, s in states.items() if s.seen}
     return dict(sorted(sqnr.items(), key=lambda item: item[1]))
 

@@ -64,7 +64,8 @@ def name_unnamed_nodes(model: ir.Model) -> int:
     return named
 
 
-def rank_nodes(float_model: ir.Model, quant_model: ir.Model, feeds, candidates: list[str]) -> list[tuple[str, float]]:
+def rank_nodes(float_model: ir.Model, quant_model: ir.Model, feeds, candidates: list[str],
+               progress=None) -> list[tuple[str, float]]:
     """(node name, local SNR dB) for the candidates, most damaging first.
 
     A node's output SQNR also carries every upstream error, so the ranking uses the noise
@@ -82,7 +83,7 @@ def rank_nodes(float_model: ir.Model, quant_model: ir.Model, feeds, candidates: 
         for t in names:
             tensors.update(float_inputs.get(t, ()))
     present = set(activation_names(float_model)) & set(activation_names(quant_model))
-    sqnr = tensor_sqnr(float_model, quant_model, feeds, sorted(tensors & present))
+    sqnr = tensor_sqnr(float_model, quant_model, feeds, sorted(tensors & present), progress=progress)
     local: dict[str, float] = {}
     for node, names in outputs.items():
         out_db = min((sqnr[t] for t in names if t in sqnr), default=None)
@@ -117,7 +118,7 @@ def search(pass_factory, spec_options, model_before: ir.Model, first_model: ir.M
            validator: Validator, budget: Budget, feeds) -> FallbackOutcome:
     """Re-run the pass with growing exclusions; return the first model within budget (or None)."""
     candidates = list(first_stats["quantized_nodes"])
-    ranking = rank_nodes(model_before, first_model, feeds, candidates)
+    ranking = rank_nodes(model_before, first_model, feeds, candidates, validator.progress)
     order = [name for name, _ in ranking]
     outcome = FallbackOutcome(None, None, ranking=[{"node": n, "local_snr_db": db} for n, db in ranking[:20]])
     tried: dict[int, tuple[ir.Model, Comparison, dict] | None] = {}

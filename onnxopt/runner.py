@@ -279,7 +279,7 @@ class Runner:
         from .calibration import tensor_sqnr
 
         try:
-            sqnr = tensor_sqnr(reference, model, validator.feeds)
+            sqnr = tensor_sqnr(reference, model, validator.feeds, progress=self.progress)
         except Exception as exc:  # debug output must never fail the run
             return [{"error": f"{type(exc).__name__}: {exc}"}]
         return [{"tensor": name, "sqnr_db": _jsonable(db)} for name, db in list(sqnr.items())[: self.config.sqnr_top]]

@@ -100,7 +100,8 @@ class QuantizeStaticPass(Pass):
         histogram = opts.calibration != "minmax"
         stats = self.context.analysis(
             ("calibration-statistics", histogram, opts.bins if histogram else 0),
-            lambda: calib.collect_statistics(model, feeds, histogram=histogram, bins=opts.bins))
+            lambda: calib.collect_statistics(model, feeds, histogram=histogram, bins=opts.bins,
+                                            progress=self.context.progress))
         result = {"tensors_calibrated": len(stats), "nodes_quantized": 0, "weights_quantized": 0,
                   "biases_quantized": 0, "tensors_quantized": 0, "affine_ops_folded": 0,
                   "ops_quantized": {}, "fallbacks": {}}
