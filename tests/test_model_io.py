@@ -208,3 +208,23 @@ def test_inline_save_embeds_external_tensors(tmp_path):
     proto = onnx.load(elsewhere / "m.onnx")
     assert proto.graph.initializer[0].data_location == onnx.TensorProto.DEFAULT
     shutil.rmtree(elsewhere)
+
+
+def test_models_past_the_protobuf_limit_save_with_external_data(tmp_path, monkeypatch):
+    """Weights over the threshold (about 1.8 GB; lowered here) go to <name>.data beside the model."""
+    import onnxopt.model_io as model_io
+    from onnxopt.models import builders
+
+    source = tmp_path / "mlp.onnx"
+    onnx.save(builders.build_mlp(), source)
+    model = load_model(source)
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = tmp_path / "big.onnx"
+    save_model(model, out)
+    proto = onnx.load(out, load_external_data=False)
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and (tmp_path / "big.onnx.data").stat().st_size >= sum(
+        np.prod(t.dims) * 4 for t in external)
+    reloaded = load_model(out)
+    np.testing.assert_array_equal(reloaded.graph.initializers["fc1_weight"].const_value.numpy(),
+                                  model.graph.initializers["fc1_weight"].const_value.numpy())
