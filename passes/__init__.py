@@ -2,7 +2,7 @@
 
 ``PASSES`` is the one explicit registry table (name -> class), in the order
 ``onnxopt passes`` lists them; ``FAMILIES`` maps a family name to its default
-sub-pipeline.
+sub-pipeline; ``DISPATCH`` maps a name to the pass chosen by one of its options.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from .cleanup import (
 )
 from .cleanup_fold import FoldConstantsPass
 from .float16 import ConvertFloat16Pass
+from .quantize_dynamic import QuantizeDynamicPass
+from .quantize_static import QuantizeStaticPass
 from .quantize_weights import QuantizeWeightsPass
 
 PASSES: tuple = (
@@ -27,6 +29,8 @@ PASSES: tuple = (
     SortTopologicallyPass,
     InferShapesPass,
     # quantize (lossy)
+    QuantizeStaticPass,
+    QuantizeDynamicPass,
     QuantizeWeightsPass,
     ConvertFloat16Pass,
 )
@@ -39,4 +43,15 @@ FAMILIES: dict[str, list[str]] = {
         "remove-unused",
         "sort-topologically",
     ],
+}
+
+# `-p quantize:mode=M,...` picks the pass for mode M; the other options go to that pass
+# (the canonical pipeline text names the pass itself, e.g. `quantize-static:...`).
+DISPATCH: dict[str, tuple[str, str, dict[str, str]]] = {
+    "quantize": ("mode", "static", {
+        "static": "quantize-static",
+        "dynamic": "quantize-dynamic",
+        "weights": "quantize-weights",
+        "float16": "convert-float16",
+    }),
 }
