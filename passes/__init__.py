@@ -15,6 +15,8 @@ from .cleanup import (
     SortTopologicallyPass,
 )
 from .cleanup_fold import FoldConstantsPass
+from .cleanup_lift import LiftConstantsPass
+from .cleanup_rewrite import RewritePatternsPass
 from .float16 import ConvertFloat16Pass
 from .quantize_dynamic import QuantizeDynamicPass
 from .quantize_static import QuantizeStaticPass
@@ -22,7 +24,9 @@ from .quantize_weights import QuantizeWeightsPass
 
 PASSES: tuple = (
     # cleanup (lossless)
+    LiftConstantsPass,
     FoldConstantsPass,
+    RewritePatternsPass,
     EliminateIdentitiesPass,
     EliminateCommonSubexpressionsPass,
     RemoveUnusedPass,
@@ -37,7 +41,9 @@ PASSES: tuple = (
 
 FAMILIES: dict[str, list[str]] = {
     "cleanup": [
+        "lift-constants",
         "fold-constants",
+        "rewrite-patterns",
         "eliminate-identities",
         "eliminate-common-subexpressions",
         "remove-unused",

@@ -17,9 +17,16 @@ import onnxopt
 
 
 def _shape_key(shape: ir.Shape | None) -> tuple | None:
-    if shape is None:
+    # A copy of the dims; symbolic dims compare by name.
+    return None if shape is None else shape.dims
+
+
+def _type_key(type_: ir.TypeProtocol | None) -> object:
+    if type_ is None:
         return None
-    return tuple(d if isinstance(d, int) else ("?", d.value) for d in shape)
+    if type(type_) is ir.TensorType:  # the common case, without building a repr
+        return type_.dtype
+    return repr(type_)
 
 
 class Snapshot:
@@ -53,7 +60,7 @@ class Snapshot:
     def _value(self, value: ir.Value | None) -> int | None:
         if value is None:
             return None
-        self.values[id(value)] = (value.name, repr(value.type), _shape_key(value.shape))
+        self.values[id(value)] = (value.name, _type_key(value.type), _shape_key(value.shape))
         return self._id(value)
 
     def _graph(self, graph: ir.Graph | ir.Function) -> tuple:

@@ -43,7 +43,9 @@ def _assert_same_if_outputs(before: ir.Model, after: ir.Model) -> None:
 def test_cleanup_family_expands_to_the_default_order():
     names = [spec.name for spec in onnxopt.parse_pipeline(["cleanup"])]
     assert names == [
+        "lift-constants",
         "fold-constants",
+        "rewrite-patterns",
         "eliminate-identities",
         "eliminate-common-subexpressions",
         "remove-unused",
@@ -504,9 +506,10 @@ def test_cleanup_family_on_the_bundled_pp_ocr_classifier(cls_path):
     before = model.clone()
     specs = onnxopt.parse_pipeline(["cleanup"])
     stats = {spec.name: spec.make_pass()(model).stats for spec in specs}
+    assert stats["lift-constants"]["constants_lifted"] == 308
     assert stats["fold-constants"]["nodes_removed"] > 0
-    assert stats["eliminate-common-subexpressions"]["nodes_removed"] > 0
-    assert len(op_types(model)) < len(op_types(before))
+    assert stats["rewrite-patterns"]["batchnorm_rewrites"] == 35
+    assert len(op_types(model)) <= 179  # onnxslim 0.1.98 leaves 179 of the 566 nodes
     onnx.checker.check_model(ir.to_proto(model), full_check=True)  # opset 11 stays opset 11
     assert_same_outputs(before, model, sample_feeds("ppocr_cls", count=1)[0])
     assert not any(spec.make_pass()(model).modified for spec in specs)
