@@ -40,6 +40,8 @@ def failure_summary(run: RunResult) -> str:
     for step in run.steps:
         if step.status in ("failed", "rolled_back"):
             return f"pass '{step.spec}' {step.status.replace('_', ' ')}: {step.reason}"
+    if run.structure_problems:
+        return "structural check after the last pass: " + run.structure_problems[0]
     if run.final is not None and (run.final.error or run.final.breaches):
         return "final validation failed: " + (run.final.error or "; ".join(run.final.breaches[:3]))
     return "ok"
@@ -105,7 +107,9 @@ def optimize(
                        reproducer_dir=Path(reproducer_dir) if reproducer_dir else None)
     run = Runner(specs, config, registry=registry, progress=progress).run(model, feeds, calibration_feeds)
     written = None
-    if output is not None and not run.crash and (run.ok or keep_going):
+    final_failed = run.final is not None and bool(run.final.error or run.final.breaches)
+    if output is not None and not run.crash and run.model_trusted and not run.structure_problems \
+            and not final_failed and (run.ok or keep_going):
         protect = () if in_place else (model_path,)
         written = save_model(run.model, output, protect=protect)
     inputs = {"count": len(feeds), "signature": describe_feeds(feeds)}

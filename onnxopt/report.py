@@ -33,6 +33,7 @@ def build_report(result: RunResult, *, model_path: str | None, output_path: str 
         "ok": result.ok,
         "crash": result.crash,
         "reproducer": result.reproducer,
+        "structure_problems": result.structure_problems,
         "notes": result.notes,
         "passes": [dataclasses.asdict(step) for step in result.steps],
         "final_validation": final,

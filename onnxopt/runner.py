@@ -77,10 +77,13 @@ class RunResult:
     crash: str | None = None
     reproducer: str | None = None
     notes: list[str] = field(default_factory=list)
+    structure_problems: list[str] = field(default_factory=list)
+    # False when a step failed with no snapshot to roll back to: the model must not be written.
+    model_trusted: bool = True
 
     @property
     def ok(self) -> bool:
-        if self.crash:
+        if self.crash or self.structure_problems or not self.model_trusted:
             return False
         if any(s.status in ("failed", "rolled_back") for s in self.steps):
             return False
@@ -130,9 +133,11 @@ class Runner:
         config = self.config
         result = RunResult(model=model, steps=[], pipeline=pipeline_text(self.specs))
         validator = None
+        # Checking each step needs a snapshot per step to roll back to; with --validate end
+        # or off, the original is kept once and checks run after the last pass.
+        self._original = None if self._per_step else take_snapshot(model)
         if config.validate != "off":
-            original = take_snapshot(model) if config.validate == "end" else model
-            validator = Validator(original, feeds, config.tolerance, self.progress)
+            validator = Validator(self._original or model, feeds, config.tolerance, self.progress)
         baseline_problems = set(structural_problems(model)) if config.verify_structure else set()
         if baseline_problems:
             result.notes.append(f"the input model already fails structural checks: {sorted(baseline_problems)[0]}")
@@ -152,6 +157,8 @@ class Runner:
             self.progress.advance(pipeline_task)
         self.progress.done(pipeline_task)
         result.model = model
+        if not self._per_step and config.verify_structure and not result.crash:
+            result.structure_problems = [p for p in structural_problems(model) if p not in baseline_problems]
         if validator is not None and config.validate == "end" and not result.crash:
             lossy = any(s.fidelity == Fidelity.LOSSY.value and s.status == "ok" for s in result.steps)
             final = validator.compare(model, config.budget if lossy else None, "final")
@@ -159,6 +166,10 @@ class Runner:
                 final.breaches.append("outputs changed beyond float rounding")
             result.final = final
         return result
+
+    @property
+    def _per_step(self) -> bool:
+        return self.config.validate == "each"
 
     def _new_step(self, index: int, spec: PassSpec, context: PassContext) -> StepReport:
         pass_ = spec.make_pass(self.registry, context)
@@ -178,7 +189,7 @@ class Runner:
                 result.notes.append(f"named {named} unnamed nodes before '{spec.name}' so mixed precision can "
                                     "keep nodes in float by name")
         before = model_stats(model)
-        snapshot = take_snapshot(model)
+        snapshot = take_snapshot(model) if self._per_step else None
         for instrument in self.instruments:
             instrument.before_pass(step, model)
         start = time.perf_counter()
@@ -187,18 +198,21 @@ class Runner:
         except OnnxoptError as exc:
             step.seconds = time.perf_counter() - start
             self.progress.done(task)
-            return self._fail(step, snapshot, "failed", f"{type(exc).__name__}: {exc}", context)
+            return self._fail(step, snapshot, "failed", f"{type(exc).__name__}: {exc}", result, model)
         except Exception as exc:  # an unexpected crash: leave a reproducer
             step.seconds = time.perf_counter() - start
             self.progress.done(task)
-            remaining = pipeline_text(self.specs[step.index:])
+            if snapshot is not None:
+                before_model, replay = snapshot, pipeline_text(self.specs[step.index:])
+            else:  # no per-step snapshot: replay from the original input
+                before_model, replay = self._original, pipeline_text(self.specs[: step.index + 1])
             for instrument in self.instruments:
-                instrument.on_failure(step, snapshot, exc)
-            path = write_reproducer(self.config.reproducer_dir, snapshot, remaining, exc)
+                instrument.on_failure(step, before_model, exc)
+            path = write_reproducer(self.config.reproducer_dir, before_model, replay, exc)
             result.reproducer = str(path)
             result.crash = f"pass '{spec.name}' crashed ({type(exc).__name__}: {exc}); reproducer written to {path}"
             step.status, step.reason = "failed", f"crashed: {type(exc).__name__}: {exc}"
-            return snapshot, True
+            return (snapshot if snapshot is not None else model), True
         step.seconds = time.perf_counter() - start
         self.progress.done(task)
         model = pass_result.model
@@ -212,7 +226,7 @@ class Runner:
                                             validator, reason)
         if reason:
             return self._fail(step, snapshot, "rolled_back" if pass_.fidelity == Fidelity.LOSSY else "failed",
-                              reason, context)
+                              reason, result, model)
         if pass_.fidelity == Fidelity.LOSSY and step.modified and validator is not None and self.config.sqnr_top:
             step.tensor_sqnr = self._worst_tensors(snapshot, model, validator)
         if step.modified:
@@ -226,7 +240,7 @@ class Runner:
             if before.fingerprint() != after.fingerprint():
                 return "the pass reported no change but the model changed"
             return None
-        if self.config.verify_structure:
+        if self.config.verify_structure and self._per_step:
             new_problems = [p for p in structural_problems(model) if p not in baseline_problems]
             if new_problems:
                 return "structural check: " + new_problems[0]
@@ -284,10 +298,15 @@ class Runner:
             return [{"error": f"{type(exc).__name__}: {exc}"}]
         return [{"tensor": name, "sqnr_db": _jsonable(db)} for name, db in list(sqnr.items())[: self.config.sqnr_top]]
 
-    def _fail(self, step, snapshot, status, reason, context):
-        # The snapshot is the model the cached analyses describe: the cache stays valid.
+    def _fail(self, step, snapshot, status, reason, result, current):
+        """Roll back to the snapshot (the model the cached analyses describe: the cache stays
+        valid); without one (--validate end/off) the model cannot be trusted: stop."""
         step.status, step.reason = status, reason
         step.modified = False
+        if snapshot is None:
+            step.status = "failed"
+            result.model_trusted = False
+            return current, True
         return snapshot, not self.config.keep_going
 
 

@@ -76,7 +76,7 @@ class CrashPass(Pass):
 
 def core_registry() -> Registry:
     return Registry([RenameNodesPass, PerturbWeightsPass, BreakWeightsPass, LyingPass, CrashPass, RetypeToHalfPass,
-                     PerturbMatMulsPass],
+                     PerturbMatMulsPass, DanglingInputPass],
                     {"tidy": ["name-nodes"]})
 
 
@@ -129,3 +129,14 @@ class PerturbMatMulsPass(Pass):
             weight.const_value = ir.tensor(noisy, name=weight.name)
             touched.append(node.name)
         return PassResult(model, bool(touched), {"quantized_nodes": touched})
+
+
+class DanglingInputPass(Pass):
+    """Adds a node reading a value no node produces (breaks the graph's structure)."""
+
+    name = "dangle"
+
+    def call(self, model):
+        ghost = ir.Value(name="ghost", type=ir.TensorType(ir.DataType.FLOAT))
+        model.graph.append(ir.node("Relu", [ghost], num_outputs=1))
+        return PassResult(model, True, {})

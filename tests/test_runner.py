@@ -165,3 +165,26 @@ def test_budget_that_cannot_hold_rolls_back_after_trying_every_node(mlp_path, tm
 def test_lossy_pass_reports_worst_tensors(mlp_path, tmp_path):
     step = _optimize(mlp_path, tmp_path, ["perturb-matmuls"]).report["passes"][0]
     assert step["tensor_sqnr"] and step["tensor_sqnr"][0]["sqnr_db"] <= step["tensor_sqnr"][-1]["sqnr_db"]
+
+
+def test_validate_off_checks_structure_once_at_the_end_and_writes_nothing_broken(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["name-nodes", "dangle"], validate="off")
+    assert [s["status"] for s in result.report["passes"]] == ["ok", "ok"]
+    assert not result.ok and "ghost" in result.report["structure_problems"][0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_validate_off_crash_reproducer_replays_from_the_original(mlp_path, tmp_path):
+    repro = tmp_path / "repro"
+    result = _optimize(mlp_path, tmp_path, ["name-nodes", "crash", "perturb-weights"], validate="off",
+                       reproducer_dir=repro)
+    assert not result.ok
+    assert (repro / "pipeline.txt").read_text().strip() == "name-nodes crash"
+    assert not any(n.name for n in load_model(repro / "model_before.onnx").graph)  # the untouched input
+
+
+def test_validate_end_failure_cannot_roll_back_and_stops(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["break-weights:scale=0.3", "name-nodes"], validate="end",
+                       keep_going=True)
+    assert not result.ok and "beyond float rounding" in result.run.final.breaches[0]
+    assert not (tmp_path / "out.onnx").exists()
