@@ -1,18 +1,20 @@
 """Benchmark: onnxopt's `cleanup` against onnxslim and onnxscript's optimizer on the zoo models.
 
-Per model and tool: tool time and peak RSS (each run in a fresh process), node count
-after, ORT CPU latency after (1 thread, optimized session, median of alternated rounds),
-and the max abs output difference against the original (ORT optimizations disabled).
-onnxopt runs with `--validate off` for the time comparison (its validated time is shown
-separately): the peers do not validate.
+Per model and tool: tool time and peak RSS (each run in a fresh process; the tools take
+turns, `--repeat` rounds, median time and highest RSS), node count after, ORT CPU latency
+after (1 thread, optimized session, median of alternated rounds), and the max abs output
+difference against the original (ORT optimizations disabled). onnxopt runs with
+`--validate off` for the time comparison (its time with per-pass validation on the model's
+sample feeds is shown separately): the peers do not validate.
 
-    python bench/cleanup.py [--models ppocr_cls silero_vad ...]
+    python bench/cleanup.py [--models ppocr_cls silero_vad ...] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +32,10 @@ def worker(tool: str, source: str, target: str, validate: str) -> None:
     if tool == "onnxopt":
         from onnxopt import api
 
-        api.optimize(source, target, ["cleanup"], validate=validate)
+        data = None if validate == "off" else validate  # validate names the feeds directory
+        result = api.optimize(source, target, ["cleanup"], validate="off" if data is None else "each", data=data)
+        if not result.ok:
+            raise SystemExit(api.failure_summary(result.run))
     elif tool == "onnxslim":
         import onnxslim
 
@@ -46,25 +51,41 @@ def worker(tool: str, source: str, target: str, validate: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mb": common.peak_rss_mb()}))
 
 
-def bench_model(name: str, path: Path, workdir: Path) -> list[dict]:
+def bench_model(name: str, path: Path, workdir: Path, repeat: int) -> list[dict]:
+    import numpy as np
     import onnx
     from onnxopt.models.feeds import sample_feeds
 
     feeds = sample_feeds(name, count=4)
+    feed_dir = workdir / f"{name}_feeds"
+    feed_dir.mkdir(exist_ok=True)
+    for index, feed in enumerate(feeds):
+        np.savez(feed_dir / f"{index:03d}.npz", **feed)
     reference = common.outputs(path, feeds)
-    rows, outputs = [], {"original": path}
     original_nodes = common.count_nodes(onnx.load(path, load_external_data=False))
+    runs: dict[str, list[dict]] = {tool: [] for tool in TOOLS}
+    for _ in range(repeat):  # tools take turns so load on the shared machine hits all alike
+        for tool in TOOLS:
+            target = workdir / f"{name}.{tool}.onnx"
+            runs[tool].append(common.run_child(Path(__file__), [tool, str(path), str(target), "off"]))
+    rows, outputs = [], {"original": path}
     for tool in TOOLS:
         target = workdir / f"{name}.{tool}.onnx"
-        result = common.run_child(Path(__file__), [tool, str(path), str(target), "off"])
-        row = {"model": name, "tool": tool, "nodes_before": original_nodes, **result}
-        if "error" not in result:
+        good = [r for r in runs[tool] if "error" not in r]
+        row = {"model": name, "tool": tool, "nodes_before": original_nodes}
+        if not good:
+            row["error"] = runs[tool][0]["error"]
+        else:
+            row["seconds"] = statistics.median(r["seconds"] for r in good)
+            row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in good)
             row["nodes_after"] = common.count_nodes(onnx.load(target, load_external_data=False))
             row["max_abs_diff"] = common.max_abs_diff(reference, common.outputs(target, feeds))
             outputs[tool] = target
         rows.append(row)
-    validated = common.run_child(Path(__file__), ["onnxopt", str(path), str(workdir / "v.onnx"), "each"])
+    validated = common.run_child(Path(__file__), ["onnxopt", str(path), str(workdir / "v.onnx"), str(feed_dir)])
     rows[0]["validated_seconds"] = validated.get("seconds")
+    if "error" in validated:
+        rows[0]["error"] = f"validated run: {validated['error']}"
     latency = common.alternated_latency_ms(outputs, feeds[0])
     for row in rows:
         row["ort_ms"] = latency.get(row["tool"])
@@ -75,6 +96,7 @@ def bench_model(name: str, path: Path, workdir: Path) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of alternated tool runs (median time)")
     parser.add_argument("--worker", nargs=4, metavar=("TOOL", "SRC", "DST", "VALIDATE"))
     args = parser.parse_args()
     if args.worker:
@@ -90,7 +112,7 @@ def main() -> int:
             if path is None:
                 print(f"skip {name}: not fetched (run `onnxopt zoo fetch {name}`)", file=sys.stderr)
                 continue
-            rows.extend(bench_model(name, path, Path(tmp)))
+            rows.extend(bench_model(name, path, Path(tmp), args.repeat))
     columns = ["model", "tool", "nodes_before", "nodes_after", "seconds", "validated_seconds", "peak_rss_mb",
                "ort_ms", "ort_ms_original", "max_abs_diff", "error"]
     common.print_table(rows, columns)
