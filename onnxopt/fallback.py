@@ -70,13 +70,16 @@ def rank_nodes(float_model: ir.Model, quant_model: ir.Model, feeds, candidates: 
 
     A node's output SQNR also carries every upstream error, so the ranking uses the noise
     the node adds itself: noise-to-signal at its output minus noise-to-signal at its
-    activation inputs (taken from the float model's graph), as an SNR in dB.
+    activation inputs (taken from the float model's graph), as an SNR in dB. Where the
+    output is cleaner than the input the estimate falls back to the output's SQNR.
     """
     wanted = set(candidates)
     outputs: dict[str, list[str]] = {}
-    for node in all_nodes(quant_model):
+    position: dict[str, int] = {}
+    for index, node in enumerate(all_nodes(quant_model)):
         if node.name in wanted:
             outputs[node.name] = [out.name for out in node.outputs if out.name]
+            position.setdefault(node.name, index)
     float_inputs = _float_inputs_by_output(float_model)
     tensors = {t for names in outputs.values() for t in names}
     for names in outputs.values():
@@ -91,8 +94,11 @@ def rank_nodes(float_model: ir.Model, quant_model: ir.Model, feeds, candidates: 
             continue
         upstream = [sqnr[i] for t in names for i in float_inputs.get(t, ()) if i in sqnr]
         added = _nsr(out_db) - _nsr(min(upstream, default=math.inf))
-        local[node] = -10.0 * math.log10(added) if added > 0 else math.inf
-    ranked = sorted(local.items(), key=lambda kv: kv[1])
+        # Less noise out than in (a projection can average noise away) says nothing about the
+        # node's own share: assume the worst, all of its output noise.
+        local[node] = -10.0 * math.log10(added) if added > 0 else out_db
+    # Near-ties (within 0.5 dB) go to the earlier node: upstream noise is what flows downstream.
+    ranked = sorted(local.items(), key=lambda kv: (round(kv[1] * 2) / 2, position.get(kv[0], 0)))
     unranked = [n for n in candidates if n not in local]  # e.g. outputs inside subgraphs
     return ranked + [(n, math.inf) for n in unranked]
 
