@@ -20,8 +20,21 @@ def _as_float(a: np.ndarray) -> np.ndarray:
 
 
 def looks_like_class_scores(shape: tuple[int, ...], dtype: np.dtype) -> bool:
-    """Float output whose last axis holds 2..100000 scores (logits, probabilities)."""
-    return np.issubdtype(dtype, np.floating) and len(shape) >= 1 and 2 <= shape[-1] <= 100_000
+    """Float output of rank 2 ([N, C]) or 3 ([N, T, C]) whose last axis holds 2..100000 scores.
+
+    Rank 4 and up is spatial (a detection map's last axis is the image width), not classes.
+    """
+    return np.issubdtype(dtype, np.floating) and 2 <= len(shape) <= 3 and 2 <= shape[-1] <= 100_000
+
+
+def looks_like_probability(reference: np.ndarray) -> bool:
+    """One score per sample (last axis 1, or a vector) with every value in [0, 1]: a sigmoid."""
+    if not np.issubdtype(reference.dtype, np.floating) or reference.size == 0 or reference.ndim > 2:
+        return False
+    if reference.ndim == 2 and reference.shape[-1] != 1:
+        return False
+    finite = reference[np.isfinite(reference)]
+    return finite.size == reference.size and float(finite.min()) >= 0.0 and float(finite.max()) <= 1.0
 
 
 def output_metrics(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float | None]:
@@ -42,6 +55,9 @@ def output_metrics(reference: list[np.ndarray], candidate: list[np.ndarray]) -> 
             c = cand.reshape(-1, cand.shape[-1])
             agree += int(np.sum(np.argmax(r, axis=-1) == np.argmax(c, axis=-1)))
             total += r.shape[0]
+        elif looks_like_probability(ref):  # binary decisions at 0.5 (e.g. speech / no speech)
+            agree += int(np.sum((ref > 0.5) == (cand > 0.5)))
+            total += ref.size
     r = np.concatenate(ref_flat) if ref_flat else np.zeros(0)
     c = np.concatenate(cand_flat) if cand_flat else np.zeros(0)
     return {

@@ -188,3 +188,16 @@ def test_validate_end_failure_cannot_roll_back_and_stops(mlp_path, tmp_path):
                        keep_going=True)
     assert not result.ok and "beyond float rounding" in result.run.final.breaches[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_agreement_is_argmax_for_class_scores_and_thresholded_for_probabilities():
+    import numpy as np
+
+    from onnxopt.metrics import output_metrics
+
+    scores = [np.array([[0.1, 0.9], [0.8, 0.2]], np.float32)]
+    assert output_metrics(scores, [np.array([[0.2, 0.8], [0.4, 0.6]], np.float32)])["agreement"] == 0.5
+    probability = [np.array([[0.9], [0.2], [0.6], [0.1]], np.float32)]
+    assert output_metrics(probability, [np.array([[0.8], [0.3], [0.4], [0.1]], np.float32)])["agreement"] == 0.75
+    detection_map = [np.zeros((1, 1, 4, 8), np.float32)]
+    assert output_metrics(detection_map, detection_map)["agreement"] is None
