@@ -48,22 +48,6 @@ def supports_fallback(options, stats: dict) -> bool:
     return can_exclude_nodes(options) and bool(stats.get("quantized_nodes"))
 
 
-def name_unnamed_nodes(model: ir.Model) -> int:
-    """Give every unnamed node a unique ``<op>_<n>`` name so exclusion by name can reach it."""
-    used = {node.name for node in all_nodes(model) if node.name}
-    counters: dict[str, int] = {}
-    named = 0
-    for node in all_nodes(model):
-        if node.name:
-            continue
-        while f"{node.op_type}_{counters.get(node.op_type, 0)}" in used:
-            counters[node.op_type] = counters.get(node.op_type, 0) + 1
-        node.name = f"{node.op_type}_{counters.get(node.op_type, 0)}"
-        used.add(node.name)
-        named += 1
-    return named
-
-
 def rank_nodes(float_model: ir.Model, quant_model: ir.Model, feeds, candidates: list[str],
                progress=None) -> list[tuple[str, float]]:
     """(node name, local SNR dB) for the candidates, most damaging first.

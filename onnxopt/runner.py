@@ -182,9 +182,9 @@ class Runner:
         pass_ = spec.make_pass(self.registry, context)
         task = self.progress.add(f"pass {spec.name}", None)
         if self._may_fall_back(pass_):
-            from .fallback import name_unnamed_nodes
+            from .naming import name_unnamed_nodes
 
-            named = name_unnamed_nodes(model)
+            named = len(name_unnamed_nodes(model))
             if named:
                 result.notes.append(f"named {named} unnamed nodes before '{spec.name}' so mixed precision can "
                                     "keep nodes in float by name")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph_walk import all_graphs
+from onnxopt.naming import Namer
 
 CORE = ("Conv", "MatMul", "Gemm")
 FUSED = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu")
@@ -349,26 +349,6 @@ def _clip_bound(node: ir.Node, index: int, attr: str) -> float | None:
 def clip_max(node: ir.Node) -> float | None:
     """The upper bound of a Clip node (inf when it has none; None when it is not constant)."""
     return _clip_bound(node, 2, "max")
-
-
-class Namer:
-    """Fresh value and node names that collide with nothing in the model."""
-
-    def __init__(self, model: ir.Model):
-        self.used: set[str] = set()
-        for graph in all_graphs(model):
-            self.used.update(v.name for v in graph.inputs if v.name)
-            self.used.update(getattr(graph, "initializers", {}).keys())
-            for node in graph:
-                self.used.update(v.name for v in node.outputs if v.name)
-                self.used.update([node.name] if node.name else [])
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
 
 
 def add_initializer(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray) -> ir.Value:

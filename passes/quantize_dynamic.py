@@ -30,7 +30,9 @@ from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.selectors import NodeSelector, selector_field
 
 from . import quant_math as qm
-from .qdq_placement import DEFAULT_DOMAINS, Namer, add_initializer, add_node, constant_array, drop_if_unused
+from onnxopt.naming import Namer
+
+from .qdq_placement import DEFAULT_DOMAINS, add_initializer, add_node, constant_array, drop_if_unused
 
 NAME = "quantize-dynamic"
 SUPPORTED = ("MatMul", "Gemm", "Conv")

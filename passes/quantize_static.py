@@ -29,7 +29,9 @@ from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.selectors import selector_field, selector_from_options
 
 from . import quant_math as qm
-from .qdq_placement import (CORE, Namer, Placer, Plan, Unit, add_initializer, add_node, bias_vector,
+from onnxopt.naming import Namer
+
+from .qdq_placement import (CORE, Placer, Plan, Unit, add_initializer, add_node, bias_vector,
                             channel_affine, constant_array, drop_if_unused)
 
 NAME = "quantize-static"

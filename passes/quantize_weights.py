@@ -40,7 +40,9 @@ from onnxopt.selectors import selector_field, selector_from_options
 
 from . import quant_math as qm
 from . import quantize_weights_lazy as lazy
-from .quantize_weights_store import Namer, Store, name_unnamed_nodes, stored_constants, take_back_names
+from onnxopt.naming import Namer, name_unnamed_nodes
+
+from .quantize_weights_store import Store, stored_constants, take_back_names
 
 NAME = "quantize-weights"
 

@@ -8,10 +8,10 @@ ops for one weight, then inserts them.
 
 from __future__ import annotations
 
-from collections import Counter
 
 import onnx_ir as ir
 
+from onnxopt.naming import Namer
 from onnxopt.graph_walk import all_graphs
 
 
@@ -27,31 +27,6 @@ def stored_constants(model: ir.Model):
                 yield graph, node.outputs[0], node, node.attributes["value"].as_tensor()
 
 
-def name_unnamed_nodes(model: ir.Model, op_types: frozenset[str]) -> dict[str, str | None]:
-    """Name every unnamed default-domain node of ``op_types`` ``<op_type>_<n>``; returns {new name: old name}.
-
-    The numbering depends only on the model (graph order, names already in use), never
-    on the pass options, so a run with ``exclude_nodes=[^MatMul_3$]`` on the same input
-    finds the node an earlier run reported as ``MatMul_3``.
-    """
-    nodes = [node for graph in all_graphs(model) for node in graph]
-    used = {node.name for node in nodes if node.name}
-    counters: Counter[str] = Counter()
-    assigned: dict[str, str | None] = {}
-    for node in nodes:
-        if node.name or node.domain not in ("", "ai.onnx") or node.op_type not in op_types:
-            continue
-        while True:
-            name = f"{node.op_type}_{counters[node.op_type]}"
-            counters[node.op_type] += 1
-            if name not in used:
-                break
-        used.add(name)
-        assigned[name] = node.name
-        node.name = name
-    return assigned
-
-
 def take_back_names(model: ir.Model, assigned: dict[str, str | None], keep: set[ir.Node]) -> None:
     """Restore the original (empty) name of every node named by this call that is not in ``keep``."""
     if not assigned:
@@ -60,27 +35,6 @@ def take_back_names(model: ir.Model, assigned: dict[str, str | None], keep: set[
         for node in graph:
             if node.name in assigned and node not in keep:
                 node.name = assigned[node.name]
-
-
-class Namer:
-    """Fresh value and node names that collide with nothing in the model."""
-
-    def __init__(self, model: ir.Model):
-        self.used: set[str] = set()
-        for graph in all_graphs(model):
-            self.used.update(v.name for v in graph.inputs if v.name)
-            self.used.update(getattr(graph, "initializers", {}).keys())
-            for node in graph:
-                self.used.update(v.name for v in node.outputs if v.name)
-                if node.name:
-                    self.used.add(node.name)
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
 
 
 class Store:
