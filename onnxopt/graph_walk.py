@@ -33,6 +33,17 @@ def _attr_graphs(attr) -> Iterator[ir.Graph]:
                 yield from _graph_and_subgraphs(sub)
 
 
+def node_subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs held directly by a node's attributes (If branches, Loop/Scan bodies)."""
+    graphs: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if isinstance(attr, ir.Attr) and attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.as_graph())
+        elif isinstance(attr, ir.Attr) and attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.as_graphs())
+    return graphs
+
+
 def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
     """Every node of the model, including subgraph and function nodes."""
     for graph in all_graphs(model):

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 
 from .errors import UsageError
-from .graph_walk import all_graphs
+from .graph_walk import all_graphs, node_subgraphs
 
 SELECTOR_HELP = {
     "nodes": "only nodes whose name matches one of these regular expressions (searched; anchor with ^$)",
@@ -194,15 +194,9 @@ def _forward(start: ir.Value, graph, owners) -> set[ir.Node]:
 
 def _inner_inputs(node: ir.Node) -> Iterable[ir.Value | None]:
     yield from node.inputs
-    for attr in node.attributes.values():
-        subs = []
-        if isinstance(attr, ir.Attr) and attr.type == ir.AttributeType.GRAPH:
-            subs = [attr.as_graph()]
-        elif isinstance(attr, ir.Attr) and attr.type == ir.AttributeType.GRAPHS:
-            subs = attr.as_graphs()
-        for sub in subs:
-            for inner in sub:
-                yield from _inner_inputs(inner)
+    for sub in node_subgraphs(node):
+        for inner in sub:
+            yield from _inner_inputs(inner)
 
 
 def _backward(end: ir.Value, graph, owners) -> set[ir.Node]:
@@ -227,12 +221,6 @@ def _with_subgraph_nodes(nodes: Iterable[ir.Node]) -> set[ir.Node]:
     result: set[ir.Node] = set()
     for node in nodes:
         result.add(node)
-        for attr in node.attributes.values():
-            subs = []
-            if isinstance(attr, ir.Attr) and attr.type == ir.AttributeType.GRAPH:
-                subs = [attr.as_graph()]
-            elif isinstance(attr, ir.Attr) and attr.type == ir.AttributeType.GRAPHS:
-                subs = attr.as_graphs()
-            for sub in subs:
-                result |= _with_subgraph_nodes(sub)
+        for sub in node_subgraphs(node):
+            result |= _with_subgraph_nodes(sub)
     return result
