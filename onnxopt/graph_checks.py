@@ -114,9 +114,3 @@ def _captured_names(node: onnx.NodeProto) -> set[str]:
                 names.update(inner.input)
                 names |= _captured_names(inner)
     return names
-
-
-def raise_if_unsound(proto: onnx.ModelProto, what: str) -> None:
-    problems = structure_problems(proto)
-    if problems:
-        raise InputError(f"{what}: {problems[0]}")

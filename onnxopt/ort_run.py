@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +112,3 @@ def run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str,
     except Exception as exc:
         raise InputError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
     return dict(zip(names, values))
-
-
-def run_all(session: ort.InferenceSession, feeds: Iterable[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    return [run(session, feed) for feed in feeds]
