@@ -1,9 +1,8 @@
 """`onnxopt diff`: how two models differ in structure and, optionally, tensor by tensor.
 
-The tensor comparison runs both models in ORT with every main-graph value that exists
-under the same name in both exposed as an output (in chunks, to bound memory), walks
-them in the first model's topological order and names the first node whose output
-diverges beyond tolerance.
+The tensor comparison streams every main-graph value that exists under the same name in
+both models through ORT (calibration's chunked exposure), walks them in the first model's
+topological order and names the first node whose output diverges beyond tolerance.
 """
 
 from __future__ import annotations
@@ -13,11 +12,9 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 
-from . import ort_run
+from .calibration import stream_tensors
 from .metrics import Tolerance, output_metrics
 from .model_stats import model_stats, op_delta
-
-CHUNK = 256
 
 
 def _initializer_table(model: ir.Model) -> dict[str, tuple[str, tuple]]:
@@ -62,45 +59,41 @@ def _value_order(model: ir.Model) -> list[tuple[str, ir.Node]]:
     return order
 
 
+class _Pair:
+    """The values one tensor took in both models, per feed (diff is for debugging: kept whole)."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self):
+        self.a: list[np.ndarray] = []
+        self.b: list[np.ndarray] = []
+
+    def add(self, arrays: list[np.ndarray]) -> None:
+        self.a.append(arrays[0])
+        self.b.append(arrays[1])
+
+
 def tensor_diff(a: ir.Model, b: ir.Model, feeds: list[dict[str, np.ndarray]],
                 tolerance: Tolerance | None = None, progress=None) -> dict:
     tolerance = tolerance or Tolerance()
     names_b = {out.name for node in b.graph for out in node.outputs}
     shared = [(name, node) for name, node in _value_order(a) if name in names_b]
+    pairs, _ = stream_tensors([a, b], feeds, [name for name, _ in shared], _Pair,
+                              lambda pair, arrays: pair.add(arrays), progress=progress, label="diff tensors")
     rows, first = [], None
-    task = progress.add("diff tensors", len(shared)) if progress else None
-    for start in range(0, len(shared), CHUNK):
-        chunk = shared[start:start + CHUNK]
-        names = [name for name, _ in chunk]
-        values_a = _collect(a, names, feeds)
-        values_b = _collect(b, names, feeds)
-        for name, node in chunk:
-            if name not in values_a or name not in values_b:
-                continue
-            metrics = output_metrics(values_a[name], values_b[name])
-            equal = tolerance.allows(values_a[name], values_b[name])
-            rows.append({"tensor": name, "node": node.name, "op": node.op_type, "equal": equal, **metrics})
-            if not equal and first is None:
-                first = rows[-1]
-        if task is not None:
-            progress.advance(task, len(chunk))
-    if task is not None:
-        progress.done(task)
+    for name, node in shared:
+        if name not in pairs:
+            continue
+        pair = pairs[name]
+        metrics = output_metrics(pair.a, pair.b)
+        equal = tolerance.allows(pair.a, pair.b)
+        rows.append({"tensor": name, "node": node.name, "op": node.op_type, "equal": equal, **metrics})
+        if not equal and first is None:
+            first = rows[-1]
     return {"compared": len(rows), "first_divergence": first,
-            "worst": sorted((r for r in rows if not r["equal"]), key=lambda r: _sort_key(r))[:20]}
+            "worst": sorted((r for r in rows if not r["equal"]), key=_sort_key)[:20]}
 
 
 def _sort_key(row: dict) -> float:
     snr = row.get("snr_db")
     return float(snr) if isinstance(snr, (int, float)) else float("inf")
-
-
-def _collect(model: ir.Model, names: list[str], feeds) -> dict[str, list[np.ndarray]]:
-    session = ort_run.make_session(model, extra_outputs=names)
-    wanted = set(names)
-    collected: dict[str, list[np.ndarray]] = {}
-    for feed in feeds:
-        for name, value in ort_run.run(session, feed).items():
-            if name in wanted:
-                collected.setdefault(name, []).append(value)
-    return collected

@@ -70,6 +70,20 @@ def ensure_opset(model: ir.Model, minimum: int) -> bool:
     return True
 
 
+def require_opset(model: ir.Model, needed: int, *, allow_upgrade: bool, refusal: str) -> str | None:
+    """Make sure the model imports at least opset ``needed``: upgrade it in place (returns
+    ``"old->new"``), or, when upgrades are not allowed, raise ``UsageError(refusal)``.
+    Returns None when the model was already new enough.
+    """
+    current = default_opset(model)
+    if needed <= current:
+        return None
+    if not allow_upgrade:
+        raise UsageError(refusal.format(needed=needed, current=current))
+    ensure_opset(model, needed)
+    return f"{current}->{needed}"
+
+
 def _convert_with_onnxscript(model: ir.Model, target: int) -> ir.Model | None:
     try:
         from onnxscript.version_converter import convert_version

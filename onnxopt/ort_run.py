@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,22 +40,11 @@ def make_session(
     *,
     optimized: bool = False,
     threads: int | None = None,
-    extra_outputs: Sequence[str] = (),
 ) -> ort.InferenceSession:
-    """An ORT CPU session for an IR model or a model file.
-
-    ``extra_outputs`` names intermediate values to expose as additional outputs (for
-    calibration and per-tensor comparison); their types are taken from the IR.
-    """
+    """An ORT CPU session for an IR model or a model file."""
     options = session_options(optimized, threads)
-    if isinstance(model, (str, os.PathLike)) and not extra_outputs:
+    if isinstance(model, (str, os.PathLike)):
         return _session_from(str(model), options)
-    if not isinstance(model, ir.Model):
-        from .model_io import load_model
-
-        model = load_model(model)
-    if extra_outputs:
-        model = _with_extra_outputs(model, extra_outputs)
     if has_deferred_tensors(model) or weights_bytes(model) > _IN_MEMORY_LIMIT:
         with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as tmp:
             path = Path(tmp) / "model.onnx"
@@ -75,26 +63,6 @@ def _session_from(source, options: ort.SessionOptions) -> ort.InferenceSession:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _with_extra_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
-    """A copy of the model whose main graph also outputs the named values."""
-    model = model.clone()
-    by_name = {}
-    for node in model.graph:
-        for out in node.outputs:
-            by_name[out.name] = out
-    for value in model.graph.inputs:
-        by_name[value.name] = value
-    existing = {v.name for v in model.graph.outputs}
-    for name in names:
-        if name in existing:
-            continue
-        if name not in by_name:
-            raise KeyError(f"no value named '{name}' in the main graph")
-        model.graph.outputs.append(by_name[name])
-        existing.add(name)
-    return model
 
 
 def run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

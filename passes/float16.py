@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import UsageError
 from onnxopt.graph_walk import all_graphs
+from onnxopt.naming import Namer
 from onnxopt.opset import default_opset
 from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.selectors import selector_field, selector_from_options
@@ -135,7 +136,7 @@ class ConvertFloat16Pass(Pass):
         self.cur: dict[ir.Value, ir.DataType] = {}
         self.orig: dict[ir.Value, ir.DataType | None] = {}
         self.casts: dict[tuple, ir.Value] = {}
-        self.names = _names(model)
+        self.namer = Namer(model)
         self.stats = {"nodes_half": 0, "nodes_kept_float32": 0, "casts_inserted": 0, "tensors_converted": 0,
                       "bytes_saved": 0, "kept_float32_range": {}, "attributes_patched": 0,
                       "functions_left_float32": len(model.functions)}
@@ -254,8 +255,8 @@ class ConvertFloat16Pass(Pass):
             have = self._dtype(value)
             if have in _FLOATS and have != want and not value.is_graph_input() and not value.is_initializer():
                 original = value.name
-                value.name = self._fresh(f"{original}_{have.name.lower()}")
-                cast = ir.node("Cast", [value], {"to": want}, name=self._fresh(f"{original}_Cast"))
+                value.name = self.namer.fresh(f"{original}_{have.name.lower()}")
+                cast = ir.node("Cast", [value], {"to": want}, name=self.namer.fresh(f"{original}_Cast"))
                 out = cast.outputs[0]
                 out.name, out.dtype, out.shape = original, want, value.shape
                 graph.append(cast)
@@ -373,9 +374,9 @@ class ConvertFloat16Pass(Pass):
         key = (value, to, id(graph))
         if key not in self.casts:
             base = value.name or "value"
-            cast = ir.node("Cast", [value], {"to": to}, name=self._fresh(f"{base}_Cast_{to.name.lower()}"))
+            cast = ir.node("Cast", [value], {"to": to}, name=self.namer.fresh(f"{base}_Cast_{to.name.lower()}"))
             out = cast.outputs[0]
-            out.name, out.dtype, out.shape = self._fresh(f"{base}_{to.name.lower()}"), to, value.shape
+            out.name, out.dtype, out.shape = self.namer.fresh(f"{base}_{to.name.lower()}"), to, value.shape
             graph.insert_before(before, cast)
             self.cur[out] = to
             self.casts[key] = out
@@ -383,20 +384,4 @@ class ConvertFloat16Pass(Pass):
             self.changed = True
         return self.casts[key]
 
-    def _fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
 
-
-def _names(model: ir.Model) -> set[str]:
-    names: set[str] = set()
-    for graph in all_graphs(model):
-        names.update(v.name for v in graph.inputs if v.name)
-        names.update(getattr(graph, "initializers", {}).keys())
-        for node in graph:
-            names.update(v.name for v in node.outputs if v.name)
-            names.add(node.name or "")
-    return names

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnxopt import calibration as calib
 from onnxopt.errors import UsageError
 from onnxopt.graph_walk import all_graphs
-from onnxopt.opset import default_opset, ensure_opset, min_ir_version
+from onnxopt.opset import default_opset, min_ir_version, require_opset
 from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.selectors import selector_field, selector_from_options
 
@@ -111,14 +111,12 @@ class QuantizeStaticPass(Pass):
         if not any(plan.units for _, plan in plans):
             return PassResult(model, False, result)
         need = max(13 if opts.per_channel else 10, 21 if opts.activation_type == "int16" else 10)
-        current = default_opset(model)
-        if need > current:
-            if not opts.upgrade_opset:
-                raise UsageError(f"{NAME}: these options need opset {need} (per-channel weights need 13, int16 "
-                                 f"activations 21) and the model has opset {current}; allow upgrade_opset=true "
-                                 f"or use per_channel=false")
-            ensure_opset(model, need)  # replaces the graph objects: plan again
-            result["opset_upgraded"] = f"{current}->{need}"
+        upgraded = require_opset(
+            model, need, allow_upgrade=opts.upgrade_opset,
+            refusal=f"{NAME}: these options need opset {{needed}} (per-channel weights need 13, int16 activations "
+                    f"21) and the model has opset {{current}}; allow upgrade_opset=true or use per_channel=false")
+        if upgraded:  # the upgrade replaced the graph objects: plan again
+            result["opset_upgraded"] = upgraded
             plans = self._plan(model, stats, result)
         levels = 2 ** qm.QuantType.parse(opts.activation_type).bits
         names = [v.name for _, plan in plans for group in plan.groups for v in group]

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import UsageError
-from onnxopt.opset import default_opset, ensure_opset, min_ir_version
+from onnxopt.opset import default_opset, min_ir_version, require_opset
 from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.selectors import selector_field, selector_from_options
 
@@ -189,14 +189,12 @@ class QuantizeWeightsPass(Pass):
         if not groups:
             return groups
         needed = max(g.opset(opts.bits) for g in groups)
-        current = default_opset(model)
-        if needed > current:
-            if not opts.upgrade_opset:
-                raise UsageError(
-                    f"{NAME}: bits={opts.bits} granularity={opts.granularity} needs opset {needed}, the model has "
-                    f"opset {current}; allow upgrade_opset=true or choose per-tensor 8-bit (opset 10)")
-            ensure_opset(model, needed)  # replaces the graph objects: plan again
-            stats["opset_upgraded"] = f"{current}->{needed}"
+        upgraded = require_opset(
+            model, needed, allow_upgrade=opts.upgrade_opset,
+            refusal=f"{NAME}: bits={opts.bits} granularity={opts.granularity} needs opset {{needed}}, the model "
+                    f"has opset {{current}}; allow upgrade_opset=true or choose per-tensor 8-bit (opset 10)")
+        if upgraded:  # the upgrade replaced the graph objects: plan again
+            stats["opset_upgraded"] = upgraded
             stats["skipped"] = {}
             groups = self._plan(model, stats["skipped"])
         return groups

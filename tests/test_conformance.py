@@ -63,9 +63,10 @@ def _cleaned(proto: onnx.ModelProto) -> onnx.ModelProto:
     return ir.to_proto(model)
 
 
-def test_cleanup_keeps_every_ort_passing_backend_node_case_passing(node_cases):
+def _replay(cases, label=lambda case: case.name) -> tuple[int, list[str]]:
+    """Replay every case ORT passes before cleanup; returns the count and the cases cleanup broke."""
     replayed, broken = 0, []
-    for case in node_cases:
+    for case in cases:
         try:
             _check_case(case.model, case)
         except Exception:  # ORT cannot run or match this case even before cleanup
@@ -74,7 +75,12 @@ def test_cleanup_keeps_every_ort_passing_backend_node_case_passing(node_cases):
         try:
             _check_case(_cleaned(case.model), case)
         except Exception as exc:
-            broken.append(f"{case.name}: {type(exc).__name__}: {str(exc).strip()[:300]}")
+            broken.append(f"{label(case)}: {type(exc).__name__}: {str(exc).strip()[:300]}")
+    return replayed, broken
+
+
+def test_cleanup_keeps_every_ort_passing_backend_node_case_passing(node_cases):
+    replayed, broken = _replay(node_cases)
     assert replayed >= MIN_REPLAYED, f"only {replayed} cases replayed"
     assert not broken, f"{len(broken)} of {replayed} cases broken by cleanup:\n" + "\n".join(broken)
 
@@ -96,16 +102,9 @@ def test_cleanup_keeps_every_ort_passing_backend_model_case_passing():
 
     replayed, broken = 0, []
     for kind in MODEL_KINDS:
-        for case in map(_model_case, load_model_tests(kind=kind)):
-            try:
-                _check_case(case.model, case)
-            except Exception:  # ORT cannot run or match this case even before cleanup
-                continue
-            replayed += 1
-            try:
-                _check_case(_cleaned(case.model), case)
-            except Exception as exc:
-                broken.append(f"{kind}/{case.name}: {type(exc).__name__}: {str(exc).strip()[:300]}")
+        count, failures = _replay(map(_model_case, load_model_tests(kind=kind)), lambda c, k=kind: f"{k}/{c.name}")
+        replayed += count
+        broken += failures
     assert replayed >= MIN_MODELS_REPLAYED, f"only {replayed} model cases replayed"
     assert not broken, f"{len(broken)} of {replayed} model cases broken by cleanup:\n" + "\n".join(broken)
 
