@@ -1,15 +1,18 @@
-"""Mixed precision to a budget: when a lossy pass breaks the budget, keep its most
-sensitive nodes in float until the budget holds.
+"""Mixed precision to a budget: when a lossy pass breaks the budget, move its most
+sensitive nodes to a higher precision (when the pass has one: int16 activations,
+8-bit weights), and then to float, until the budget holds.
 
 Sensitivity comes from the per-tensor SQNR of the quantized model's activations against
 the float model's on the validation feeds; nodes are ranked by the SQNR they lose
-themselves (inputs' SQNR minus outputs'), worst first. The search excludes the worst 1, 2, 4, ... nodes (at most all but one: keeping every
+themselves (inputs' SQNR minus outputs'), worst first. The search promotes, then
+excludes, the worst 1, 2, 4, ... nodes (at most all but one in float: keeping every
 node in float would undo the pass) until the budget holds, then bisects down to the
-smallest count that still holds. Every trial is re-validated
-and recorded with its measured effect.
+smallest count that still holds. Every trial is re-validated and recorded with its
+measured effect.
 
 It applies to passes whose options have an ``exclude_nodes`` selector field and that
-report the nodes they changed as ``stats["quantized_nodes"]``.
+report the nodes they changed as ``stats["quantized_nodes"]``; promotion applies to passes
+that also have ``promote_nodes`` and ``promoted_precision()`` (see ``selectors.promote_field``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class FallbackOutcome:
     model: ir.Model | None
     comparison: Comparison | None
     excluded: list[str] = field(default_factory=list)
+    promoted: list[str] = field(default_factory=list)
+    precision: str | None = None
     trials: list[dict] = field(default_factory=list)
     ranking: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
@@ -104,52 +109,115 @@ def _float_inputs_by_output(model: ir.Model) -> dict[str, list[str]]:
     return table
 
 
+def promoted_precision(pass_) -> str | None:
+    """What the pass's ``promote_nodes`` gives a node (e.g. "int16 activations"), or None
+    when the pass has no such option or its options leave nothing higher than float."""
+    if "promote_nodes" not in {f.name for f in dataclasses.fields(pass_.options)}:
+        return None
+    return pass_.promoted_precision()
+
+
+def _exact(names) -> tuple[str, ...]:
+    return tuple(f"^{re.escape(n)}$" for n in names)
+
+
+class _Trials:
+    """Re-runs of the pass with some nodes promoted and some kept in float, each validated."""
+
+    def __init__(self, pass_factory, spec_options, model_before, validator, budget, outcome):
+        self.pass_factory, self.spec_options = pass_factory, spec_options
+        self.model_before, self.validator, self.budget = model_before, validator, budget
+        self.outcome = outcome
+        self.cache: dict[tuple, tuple[bool, ir.Model | None, Comparison | None, dict]] = {}
+
+    def run(self, stage: str, promoted: list[str], excluded: list[str], added: list[str]):
+        key = (tuple(promoted), tuple(excluded))
+        if key in self.cache:
+            return self.cache[key]
+        changes = {"exclude_nodes": tuple(self.spec_options.exclude_nodes) + _exact(excluded)}
+        if promoted:
+            changes["promote_nodes"] = tuple(self.spec_options.promote_nodes) + _exact(promoted)
+        options = dataclasses.replace(self.spec_options, **changes)
+        result = self.pass_factory(options)(snapshot(self.model_before))
+        comparison = self.validator.compare(result.model, self.budget, f"fallback {stage} {len(promoted)}/{len(excluded)}")
+        ok = comparison.error is None and not comparison.breaches
+        worst = comparison.worst()
+        self.outcome.trials.append({
+            "stage": stage, "promoted": len(promoted), "float_nodes": len(excluded), "ok": ok,
+            "worst": {k: worst.get(k) for k in ("cosine", "snr_db", "max_abs", "agreement")},
+            "breaches": comparison.breaches[:3], "added": added})
+        self.cache[key] = (ok, result.model, comparison, result.stats)
+        return self.cache[key]
+
+    def count(self, stage: str) -> int:
+        return sum(1 for t in self.outcome.trials if t["stage"] == stage)
+
+
+def _smallest_holding(holds, most: int, trials_left) -> int | None:
+    """The smallest count in 1..most for which ``holds(count)``, assuming more never hurts:
+    double until it holds, then bisect. None when ``most`` fails or the trials run out."""
+    count, last_bad = 1, 0
+    while True:
+        if most < 1 or not trials_left():
+            return None
+        count = min(count, most)
+        if holds(count):
+            break
+        if count == most:
+            return None
+        last_bad, count = count, count * 2
+    low, high = last_bad, count  # low fails, high holds
+    while high - low > 1 and trials_left():
+        mid = (low + high) // 2
+        if holds(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
 def search(pass_factory, spec_options, model_before: ir.Model, first_model: ir.Model, first_stats: dict,
-           validator: Validator, budget: Budget, feeds) -> FallbackOutcome:
-    """Re-run the pass with growing exclusions; return the first model within budget (or None)."""
+           validator: Validator, budget: Budget, feeds, precision: str | None = None) -> FallbackOutcome:
+    """Re-run the pass with its most sensitive nodes promoted (when the pass has a higher
+    precision), else kept in float; return the first model within budget (or None).
+
+    Stage 1 (``precision`` given): promote the worst 1, 2, 4, ... nodes, then bisect.
+    Promoting every node is allowed (the model stays quantized) and is tried first, so a
+    hopeless stage costs one trial. Stage 2: keep the worst nodes in float, the others
+    promoted when stage 1 ran, ranked again on the all-promoted model.
+    """
     candidates = list(first_stats["quantized_nodes"])
     ranking = rank_nodes(model_before, first_model, feeds, candidates, validator.progress)
     order = [name for name, _ in ranking]
-    outcome = FallbackOutcome(None, None, ranking=[{"node": n, "local_snr_db": db} for n, db in ranking[:20]])
-    tried: dict[int, tuple[ir.Model, Comparison, dict] | None] = {}
+    outcome = FallbackOutcome(None, None, precision=precision,
+                              ranking=[{"node": n, "local_snr_db": db} for n, db in ranking[:20]])
+    trials = _Trials(pass_factory, spec_options, model_before, validator, budget, outcome)
 
-    def attempt(count: int):
-        if count in tried:
-            return tried[count]
-        excluded = order[:count]
-        patterns = tuple(spec_options.exclude_nodes) + tuple(f"^{re.escape(n)}$" for n in excluded)
-        options = dataclasses.replace(spec_options, exclude_nodes=patterns)
-        model = snapshot(model_before)
-        result = pass_factory(options)(model)
-        comparison = validator.compare(result.model, budget, f"fallback {count}")
-        ok = comparison.error is None and not comparison.breaches
-        worst = comparison.worst()
-        outcome.trials.append({"float_nodes": count, "ok": ok, "worst": {k: worst.get(k) for k in ("cosine", "snr_db", "max_abs", "agreement")},
-                               "breaches": comparison.breaches[:3], "added": excluded[len(excluded) - 1:] if count else []})
-        tried[count] = (result.model, comparison, result.stats) if ok else None
-        return tried[count]
+    def finish(result, promoted, excluded) -> FallbackOutcome:
+        _, outcome.model, outcome.comparison, outcome.stats = result
+        outcome.promoted, outcome.excluded = list(promoted), list(excluded)
+        return outcome
+
+    promoted: list[str] = []
+    if precision:
+        everything = trials.run("promote", order, [], order)
+        if everything[0]:
+            best = _smallest_holding(lambda k: trials.run("promote", order[:k], [], order[k - 1:k])[0],
+                                     len(order), lambda: trials.count("promote") < MAX_TRIALS)
+            best = best or len(order)
+            return finish(trials.run("promote", order[:best], [], []), order[:best], [])
+        promoted = order
+        if everything[1] is not None and everything[2].error is None:
+            ranking = rank_nodes(model_before, everything[1], feeds, candidates, validator.progress)
+            order = [name for name, _ in ranking]
+            outcome.ranking = [{"node": n, "local_snr_db": db} for n, db in ranking[:20]]
+
+    def keep_float(k: int):
+        rest = [n for n in promoted if n not in order[:k]]
+        return trials.run("float", rest, order[:k], order[k - 1:k])
 
     # Keeping every node in float would undo the pass: the most the search tries is all but one.
-    most = len(order) - 1
-    count, last_bad = 1, 0
-    good = None
-    while most >= 1 and len(outcome.trials) < MAX_TRIALS:
-        count = min(count, most)
-        good = attempt(count)
-        if good is not None or count == most:
-            break
-        last_bad, count = count, count * 2
-    if good is None:
+    best = _smallest_holding(lambda k: keep_float(k)[0], len(order) - 1, lambda: trials.count("float") < MAX_TRIALS)
+    if best is None:
         return outcome
-    best = count
-    low, high = last_bad, count  # low fails, high holds
-    while high - low > 1 and len(outcome.trials) < MAX_TRIALS:
-        mid = (low + high) // 2
-        if attempt(mid) is not None:
-            high = best = mid
-        else:
-            low = mid
-    model, comparison, stats = tried[best]
-    outcome.model, outcome.comparison, outcome.stats = model, comparison, stats
-    outcome.excluded = order[:best]
-    return outcome
+    return finish(keep_float(best), [n for n in promoted if n not in order[:best]], order[:best])

@@ -102,6 +102,8 @@ def render_table(report: dict, console=None) -> None:
                       nodes, weights, _fmt_metric(step.get("fidelity_metrics")))
         if step.get("reason") and step["status"] != "skipped":
             reasons.append(f"#{step['index']} {step['name']}: {step['reason']}")
+        elif step.get("fallback") and step["status"] == "ok":
+            reasons.append(f"#{step['index']} {step['name']}: {_fallback_summary(step['fallback'])}")
     console.print(table)
     for reason in reasons:
         console.print(reason, markup=False)
@@ -111,6 +113,15 @@ def render_table(report: dict, console=None) -> None:
                       f"{_fmt_metric(final.get('metrics'))}")
     for note in report.get("notes", []):
         console.print(f"note: {note}", markup=False)
+
+
+def _fallback_summary(fallback: dict) -> str:
+    """One line on what mixed precision moved: "2 nodes to int16 activations, 1 kept in float (5 trials)"."""
+    moved = []
+    if fallback.get("promoted_nodes"):
+        moved.append(f"{len(fallback['promoted_nodes'])} nodes to {fallback['precision']}")
+    moved.append(f"{len(fallback.get('float_nodes') or [])} kept in float")
+    return f"mixed precision to the budget: {', '.join(moved)} ({len(fallback.get('trials') or [])} trials)"
 
 
 def _mb(count: int) -> str:

@@ -271,17 +271,19 @@ class Runner:
         return self._may_fall_back(pass_) and supports_fallback(pass_.options, stats)
 
     def _fall_back(self, spec, pass_, snapshot, model, stats, step, context, validator, reason):
-        """Keep the most sensitive nodes in float until the budget holds (see fallback.py)."""
-        from .fallback import search
+        """Promote the most sensitive nodes, then keep them in float, until the budget holds (fallback.py)."""
+        from .fallback import promoted_precision, search
 
         cls = type(pass_)
         outcome = search(lambda options: cls(options, context=context), pass_.options, snapshot, model, stats,
-                         validator, self.config.budget, validator.feeds)
-        step.fallback = {"float_nodes": outcome.excluded, "trials": _jsonable(outcome.trials),
+                         validator, self.config.budget, validator.feeds, promoted_precision(pass_))
+        step.fallback = {"precision": outcome.precision, "promoted_nodes": outcome.promoted,
+                         "float_nodes": outcome.excluded, "trials": _jsonable(outcome.trials),
                          "sensitivity": _jsonable(outcome.ranking)}
         if outcome.model is None:
             tried = max((t["float_nodes"] for t in outcome.trials), default=0)
-            return model, f"{reason} (still over budget with {tried} nodes kept in float)"
+            promoted = f" ({outcome.precision} for the others)" if outcome.precision and tried else ""
+            return model, f"{reason} (still over budget with {tried} nodes kept in float{promoted})"
         step.stats = _jsonable(outcome.stats)
         step.after = model_stats(outcome.model).as_dict()
         step.op_delta = op_delta(model_stats(snapshot), model_stats(outcome.model))

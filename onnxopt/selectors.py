@@ -46,6 +46,37 @@ class SelectorOptions:
     region: tuple[str, ...] = selector_field("region")
 
 
+PROMOTE_HELP = ("nodes (name regular expressions) quantized at the pass's higher fallback precision; "
+                "set by mixed precision to a budget, or by hand")
+
+
+def promote_field() -> dataclasses.Field:
+    """The ``promote_nodes`` option of a pass that has a higher precision to fall back to.
+
+    A pass declaring it also defines ``promoted_precision()`` (what those nodes get, or
+    None when its options leave nothing higher) and reports ``stats["promoted_nodes"]``.
+    """
+    return dataclasses.field(default=(), metadata={"help": PROMOTE_HELP})
+
+
+@dataclasses.dataclass(frozen=True)
+class NameFilter:
+    """Nodes whose name matches one of some regular expressions (searched, like ``nodes``)."""
+
+    patterns: tuple[str, ...] = ()
+    field: str = "promote_nodes"
+
+    def __post_init__(self):
+        object.__setattr__(self, "_res", _compile(self.patterns, self.field))
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+    def matches(self, node: ir.Node) -> bool:
+        name = node.name or ""
+        return any(p.search(name) for p in self._res)
+
+
 def _compile(patterns: Iterable[str], field: str) -> tuple[re.Pattern, ...]:
     compiled = []
     for pattern in patterns:

@@ -76,7 +76,7 @@ class CrashPass(Pass):
 
 def core_registry() -> Registry:
     return Registry([RenameNodesPass, PerturbWeightsPass, BreakWeightsPass, LyingPass, CrashPass, RetypeToHalfPass,
-                     PerturbMatMulsPass, DanglingInputPass],
+                     PerturbMatMulsPass, PerturbMatMulsPromotablePass, DanglingInputPass],
                     {"tidy": ["name-nodes"]})
 
 
@@ -110,6 +110,9 @@ class PerturbMatMulsPass(Pass):
     Options = NodeNoiseOptions
     fidelity_of = Fidelity.LOSSY
 
+    def noise(self, node_name: str) -> float:
+        return self.options.scale * (1000 if node_name == self.options.loud_node else 1)
+
     def call(self, model):
         import re
 
@@ -124,11 +127,38 @@ class PerturbMatMulsPass(Pass):
                 continue
             weight = node.inputs[1]
             array = weight.const_value.numpy()
-            scale = self.options.scale * (1000 if node.name == self.options.loud_node else 1)
-            noisy = array + rng.standard_normal(array.shape).astype(np.float32) * scale * np.abs(array).max()
+            noisy = array + rng.standard_normal(array.shape).astype(np.float32) * self.noise(node.name) * np.abs(array).max()
             weight.const_value = ir.tensor(noisy, name=weight.name)
             touched.append(node.name)
-        return PassResult(model, bool(touched), {"quantized_nodes": touched})
+        stats = {"quantized_nodes": touched}
+        if hasattr(self.options, "promote_nodes"):
+            stats["promoted_nodes"] = sorted(n for n in touched if self._promoted(n))
+        return PassResult(model, bool(touched), stats)
+
+    def _promoted(self, name: str) -> bool:
+        import re
+
+        return any(re.search(p, name) for p in getattr(self.options, "promote_nodes", ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromotableNoiseOptions(NodeNoiseOptions):
+    promote_nodes: tuple[str, ...] = ()
+    promoted_gain: float = 0.01
+
+
+class PerturbMatMulsPromotablePass(PerturbMatMulsPass):
+    """Like perturb-matmuls; nodes named by ``promote_nodes`` get ``promoted_gain`` times the noise."""
+
+    name = "perturb-matmuls-promotable"
+    Options = PromotableNoiseOptions
+
+    def noise(self, node_name: str) -> float:
+        gain = self.options.promoted_gain if self._promoted(node_name) else 1.0
+        return super().noise(node_name) * gain
+
+    def promoted_precision(self) -> str | None:
+        return "quieter noise" if self.options.promoted_gain < 1 else None
 
 
 class DanglingInputPass(Pass):

@@ -201,3 +201,42 @@ def test_agreement_is_argmax_for_class_scores_and_thresholded_for_probabilities(
     assert output_metrics(probability, [np.array([[0.8], [0.3], [0.4], [0.1]], np.float32)])["agreement"] == 0.75
     detection_map = [np.zeros((1, 1, 4, 8), np.float32)]
     assert output_metrics(detection_map, detection_map)["agreement"] is None
+
+
+def test_budget_breach_promotes_the_most_sensitive_node_before_keeping_it_in_float(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["perturb-matmuls-promotable:loud_node=MatMul_1"], budget="snr_db=30")
+    step = result.report["passes"][0]
+    assert result.ok and step["status"] == "ok", step["reason"]
+    fallback = step["fallback"]
+    assert fallback["precision"] == "quieter noise"
+    assert fallback["promoted_nodes"] == ["MatMul_1"] and fallback["float_nodes"] == []
+    assert step["stats"]["promoted_nodes"] == ["MatMul_1"]
+    assert step["stats"]["quantized_nodes"] == ["MatMul_0", "MatMul_1", "MatMul_2"]
+    # everything promoted first (one trial says the stage can hold), then the smallest count
+    assert [(t["stage"], t["promoted"], t["ok"]) for t in fallback["trials"]] == [("promote", 3, True), ("promote", 1, True)]
+    assert min(m["snr_db"] for m in step["fidelity_metrics"].values()) >= 30
+
+
+def test_promotion_that_cannot_hold_falls_back_to_float_with_the_rest_promoted(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["perturb-matmuls-promotable:loud_node=MatMul_1,promoted_gain=0.5"],
+                       budget="snr_db=30")
+    step = result.report["passes"][0]
+    assert result.ok and step["status"] == "ok", step["reason"]
+    fallback = step["fallback"]
+    assert fallback["float_nodes"] == ["MatMul_1"]
+    assert sorted(fallback["promoted_nodes"]) == ["MatMul_0", "MatMul_2"]
+    assert [t["stage"] for t in fallback["trials"]] == ["promote", "float"]
+    assert step["stats"]["quantized_nodes"] == ["MatMul_0", "MatMul_2"]
+
+
+def test_table_says_what_mixed_precision_moved(mlp_path, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from onnxopt.report import render_table
+
+    result = _optimize(mlp_path, tmp_path, ["perturb-matmuls-promotable:loud_node=MatMul_1"], budget="snr_db=30")
+    out = io.StringIO()
+    render_table(result.report, Console(file=out, width=160))
+    assert "mixed precision to the budget: 1 nodes to quieter noise, 0 kept in float (2 trials)" in out.getvalue()
