@@ -1,6 +1,7 @@
 """Realistic, seeded input feeds for every builder and zoo model, and the task each model solves.
 
-Images are smooth paper-like backgrounds with dark character-like strokes, normalized as
+Images are smooth paper-like backgrounds with lines of dark text (random words in a 5x7
+bitmap font, see :mod:`.glyphs`), normalized as
 PaddleOCR does: ``(pixel / 255 - 0.5) / 0.5``. Audio is 16 kHz voiced speech-like chunks
 (harmonics of a pitch under a formant envelope, plus noise) with some near-silent chunks;
 each chunk is 64 context samples + a 512-sample window, as silero-vad's own wrapper feeds it.
@@ -12,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from .glyphs import CHARACTERS, glyph_mask
 from .zoo import UnknownModelError
 
 Feed = dict[str, np.ndarray]
@@ -58,24 +60,20 @@ def _paper(rng: Rng, h: int, w: int) -> np.ndarray:
 
 
 def _write_line(img: np.ndarray, rng: Rng, top: int, left: int, right: int, height: int) -> None:
-    """Draw a row of character-like glyphs (2-4 dark strokes per cell) in place."""
+    """Write a row of random words in the bitmap font (dark ink, anti-aliased) in place."""
     ink = rng.uniform(15, 70, size=(3, 1, 1))
-    thick = max(1, height // 7)
+    cell = max(1, round(height / 7))
     x = left
-    while x + height // 2 < right:
-        cw = int(height * rng.uniform(0.5, 0.9))
-        for _ in range(rng.integers(2, 5)):
-            if rng.random() < 0.5:  # horizontal stroke
-                y = top + rng.integers(0, height - thick + 1)
-                x1 = x + rng.integers(0, cw // 2 + 1)
-                img[:, y:y + thick, x1:x + cw] = ink
-            else:  # vertical stroke
-                xx = x + rng.integers(0, cw - thick + 1)
-                y1 = top + rng.integers(0, height // 2 + 1)
-                img[:, y1:top + height, xx:xx + thick] = ink
-        x += cw + int(height * rng.uniform(0.1, 0.3))
-        if rng.random() < 0.12:  # word gap
-            x += height // 2
+    while True:
+        mask = glyph_mask(CHARACTERS[rng.integers(len(CHARACTERS))], height)
+        h, w = mask.shape
+        if x + w > right or top + h > img.shape[1]:
+            break
+        region = img[:, top:top + h, x:x + w]
+        img[:, top:top + h, x:x + w] = region * (1 - mask) + ink * mask
+        x += w + int(cell * rng.uniform(0.8, 1.6))
+        if rng.random() < 0.15:  # word gap
+            x += 3 * cell
 
 
 def _normalize(img: np.ndarray) -> np.ndarray:
