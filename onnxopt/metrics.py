@@ -10,9 +10,9 @@ import numpy as np
 from .errors import UsageError
 
 # Direction of each metric: a budget value is a floor (>=) or a ceiling (<=).
-FLOORS = {"cosine", "snr_db", "agreement"}
+FLOORS = {"cosine", "snr_db", "agreement", "sequence_agreement"}
 CEILINGS = {"max_abs", "max_rel"}
-METRICS = ("max_abs", "max_rel", "cosine", "snr_db", "agreement")
+METRICS = ("max_abs", "max_rel", "cosine", "snr_db", "agreement", "sequence_agreement")
 
 
 def _as_float(a: np.ndarray) -> np.ndarray:
@@ -37,24 +37,41 @@ def looks_like_probability(reference: np.ndarray) -> bool:
     return finite.size == reference.size and float(finite.min()) >= 0.0 and float(finite.max()) <= 1.0
 
 
-def output_metrics(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float | None]:
-    """Metrics over all samples of one output (lists are per sample)."""
+def output_metrics(reference: list[np.ndarray], candidate: list[np.ndarray],
+                   decisions: bool = True) -> dict[str, float | None]:
+    """Metrics over all samples of one output (lists are per sample).
+
+    ``agreement`` counts equal decisions: the argmax of each score vector, or a
+    probability's side of 0.5. ``sequence_agreement``, for score sequences [N, T, C]
+    (CTC text recognition, token tagging), counts sequences whose every step agrees: a
+    recognized string can only change where its argmax sequence does. With
+    ``decisions=False`` (e.g. a recurrent state the model also takes as input) neither is
+    measured.
+    """
     ref_flat, cand_flat, agree, total = [], [], 0, 0
+    same_sequences, sequences = 0, 0
     for ref, cand in zip(reference, candidate):
         if ref.shape != cand.shape:
             return {"max_abs": math.inf, "max_rel": math.inf, "cosine": 0.0, "snr_db": -math.inf,
-                    "agreement": 0.0, "shape_mismatch": f"{list(ref.shape)} vs {list(cand.shape)}"}
+                    "agreement": 0.0, "sequence_agreement": 0.0 if ref.ndim == 3 else None,
+                    "shape_mismatch": f"{list(ref.shape)} vs {list(cand.shape)}"}
         if ref.dtype.kind in "OUS":
             same = float(np.mean(ref == cand)) if ref.size else 1.0
             return {"max_abs": 0.0 if same == 1.0 else math.inf, "max_rel": None, "cosine": None,
                     "snr_db": None, "agreement": same}
         ref_flat.append(_as_float(ref).ravel())
         cand_flat.append(_as_float(cand).ravel())
+        if not decisions:
+            continue
         if looks_like_class_scores(ref.shape, ref.dtype) and ref.size:
             r = ref.reshape(-1, ref.shape[-1])
             c = cand.reshape(-1, cand.shape[-1])
-            agree += int(np.sum(np.argmax(r, axis=-1) == np.argmax(c, axis=-1)))
+            equal = np.argmax(r, axis=-1) == np.argmax(c, axis=-1)
+            agree += int(np.sum(equal))
             total += r.shape[0]
+            if ref.ndim == 3:
+                same_sequences += int(np.sum(equal.reshape(ref.shape[:2]).all(axis=1)))
+                sequences += ref.shape[0]
         elif looks_like_probability(ref):  # binary decisions at 0.5 (e.g. speech / no speech)
             agree += int(np.sum((ref > 0.5) == (cand > 0.5)))
             total += ref.size
@@ -66,6 +83,7 @@ def output_metrics(reference: list[np.ndarray], candidate: list[np.ndarray]) -> 
         "cosine": _cosine(r, c),
         "snr_db": _snr_db(r, c),
         "agreement": (agree / total) if total else None,
+        "sequence_agreement": (same_sequences / sequences) if sequences else None,
     }
 
 
@@ -141,8 +159,9 @@ class Tolerance:
 
 
 # The budget lossy passes get when the user names none (``--budget none`` turns it off):
-# keep the output direction and, where outputs are class scores, 99% of the decisions.
-DEFAULT_BUDGET = "cosine=0.99,agreement=0.99"
+# keep the output direction and, where outputs are class scores, 99% of the decisions and,
+# for score sequences, 99% of whole sequences (a recognized text line is one decision).
+DEFAULT_BUDGET = "cosine=0.99,agreement=0.99,sequence_agreement=0.99"
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,15 @@ class Validator:
             self.progress.done(task)
         return per_output
 
+    def carried_state(self) -> set[str]:
+        """Outputs shaped like one of the inputs they were computed from: a recurrent state the
+        caller feeds back (silero-vad's ``stateN``), not scores to take decisions on."""
+        if not self.feeds:
+            return set()
+        shapes = {(a.shape, a.dtype) for a in self.feeds[0].values()}
+        return {name for name in self.output_names
+                if self.reference[name] and (self.reference[name][0].shape, self.reference[name][0].dtype) in shapes}
+
     def outputs_of(self, model: ir.Model, label: str = "candidate") -> dict[str, list[np.ndarray]]:
         session = ort_run.make_session(model)
         names = [o.name for o in session.get_outputs()]
@@ -80,8 +89,9 @@ class Validator:
         except (InputError, ValueError) as exc:
             return Comparison(equal=False, error=str(exc), breaches=[str(exc)])
         result = Comparison()
+        carried = self.carried_state()
         for name in self.output_names:
-            result.metrics[name] = output_metrics(self.reference[name], candidate[name])
+            result.metrics[name] = output_metrics(self.reference[name], candidate[name], decisions=name not in carried)
             if not self.tolerance.allows(self.reference[name], candidate[name]):
                 result.equal = False
         if budget:

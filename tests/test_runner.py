@@ -203,6 +203,38 @@ def test_agreement_is_argmax_for_class_scores_and_thresholded_for_probabilities(
     assert output_metrics(detection_map, detection_map)["agreement"] is None
 
 
+def test_sequence_agreement_counts_sequences_whose_every_step_agrees():
+    import numpy as np
+
+    from onnxopt.metrics import output_metrics
+
+    steps = np.eye(3, dtype=np.float32)[[0, 1, 2, 1]]  # one sequence of 4 steps over 3 classes
+    reference = [steps[None], steps[None]]
+    flipped = steps.copy()
+    flipped[3] = [0, 0, 1]
+    metrics = output_metrics(reference, [steps[None], flipped[None]])
+    assert metrics["agreement"] == 7 / 8 and metrics["sequence_agreement"] == 0.5
+    assert output_metrics([steps[None, :, :2]], [steps[None, :, :2]])["sequence_agreement"] == 1.0
+    assert output_metrics(reference, [steps[None], flipped[None]], decisions=False)["agreement"] is None
+
+
+def test_an_output_shaped_like_an_input_is_state_not_decisions(tmp_path):
+    import numpy as np
+
+    from onnxopt.validation import Validator
+    from tests.helpers import model_from_text
+
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 1, 4] state, float[1, 4] x) => (float[2, 1, 4] state_out, float[1, 4] y) {
+            state_out = Relu(state)
+            y = Relu(x)
+        }""")
+    feeds = [{"state": np.ones((2, 1, 4), np.float32), "x": np.ones((1, 4), np.float32)}]
+    validator = Validator(model, feeds)
+    assert validator.carried_state() == {"state_out", "y"}
+
+
 def test_budget_breach_promotes_the_most_sensitive_node_before_keeping_it_in_float(mlp_path, tmp_path):
     result = _optimize(mlp_path, tmp_path, ["perturb-matmuls-promotable:loud_node=MatMul_1"], budget="snr_db=30")
     step = result.report["passes"][0]
