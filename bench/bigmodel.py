@@ -1,4 +1,4 @@
-"""Benchmark: weight-only quantization of a big external-data model, time and peak memory.
+"""Benchmark: weight-only and dynamic quantization of a big external-data model, time and peak memory.
 
 Generates, one tensor at a time (never the whole model in memory), a transformer-like
 float32 model with external data: token embedding (Gather), N layers of LayerNorm ->
@@ -12,13 +12,16 @@ of the child: VmHWM, see ``common.peak_rss_bytes``):
 * ``copy``: shutil.copyfile of model and data, the baseline;
 * ``onnxopt-int4``: ``onnxopt optimize -p quantize-weights:bits=4,granularity=blocked --validate off``;
 * ``onnxopt-int8``: ``onnxopt optimize -p quantize-weights:bits=8 --validate off`` (per channel);
+* ``onnxopt-dynamic``: ``onnxopt optimize -p quantize-dynamic:weight_type=int8 --validate off`` (int8 weights
+  per column, MatMulInteger: the format ORT's quantize_dynamic writes below);
 * ``ort-matmulnbits``: ORT's MatMulNBitsQuantizer, 4 bits, block 32, symmetric (same format choice);
 * ``ort-dynamic``: ORT's quantize_dynamic, int8 weights per channel.
 
 Rounds alternate the tools (``--repeat``); the table shows the median time and the
-highest peak RSS. ``--check`` runs every output in ORT against the float model.
+highest peak RSS. ``--tools`` picks some of them (``copy`` always runs: it is the baseline).
+``--check`` runs every output in ORT against the float model.
 
-    python bench/bigmodel.py [--gb 3.0] [--repeat 1] [--skip-peers] [--check] [--dir DIR]
+    python bench/bigmodel.py [--gb 3.0] [--repeat 1] [--tools a,b] [--skip-peers] [--check] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-TOOLS = ("copy", "onnxopt-int4", "onnxopt-int8", "ort-matmulnbits", "ort-dynamic")
+TOOLS = ("copy", "onnxopt-int4", "onnxopt-int8", "onnxopt-dynamic", "ort-matmulnbits", "ort-dynamic")
+ONNXOPT_SPECS = {"onnxopt-int4": "quantize-weights:bits=4,granularity=blocked",
+                 "onnxopt-int8": "quantize-weights:bits=8",
+                 "onnxopt-dynamic": "quantize-dynamic:weight_type=int8"}
 PEERS = ("ort-matmulnbits", "ort-dynamic")
 GB = 1e9
 
@@ -144,9 +150,7 @@ def worker(tool: str, source: str, target: str) -> None:
         for name in ("model.onnx", "model.onnx.data"):
             shutil.copyfile(Path(source).parent / name, Path(target).parent / name)
     elif tool.startswith("onnxopt"):
-        spec = {"onnxopt-int4": "quantize-weights:bits=4,granularity=blocked",
-                "onnxopt-int8": "quantize-weights:bits=8"}[tool]
-        code = main(["optimize", source, "-o", target, "-p", spec, "--validate", "off", "--quiet"])
+        code = main(["optimize", source, "-o", target, "-p", ONNXOPT_SPECS[tool], "--validate", "off", "--quiet"])
         if code != 0:
             raise SystemExit(f"onnxopt exited with {code}")
     elif tool == "ort-matmulnbits":
@@ -228,11 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gb", type=float, default=3.0, help="model size in GB of float32 weights (default 3.0)")
     parser.add_argument("--dim", type=int, help="hidden size (default: chosen from --gb)")
     parser.add_argument("--repeat", type=int, default=1, help="alternated rounds over the tools (default 1)")
+    parser.add_argument("--tools", help=f"comma-separated tools to run (default all: {','.join(TOOLS)})")
     parser.add_argument("--skip-peers", action="store_true", help="do not run ORT's quantizers")
     parser.add_argument("--peer-timeout", type=float, default=1800, help="seconds before a peer is abandoned")
     parser.add_argument("--check", action="store_true", help="run every output in ORT against the float model")
     parser.add_argument("--dir", help="work directory (default: a temporary directory, removed afterwards)")
     args = parser.parse_args(argv)
+    unknown = set(args.tools.split(",")) - set(TOOLS) if args.tools else set()
+    if unknown:
+        parser.error(f"unknown tools {sorted(unknown)}; choose from {', '.join(TOOLS)}")
     if args.worker:
         worker(*args.worker)
         return 0
@@ -254,7 +262,8 @@ def _bench(args, work: Path) -> int:
     print(f"model: {model_bytes / GB:.2f} GB float32, d={info['d']}, vocab={info['vocab']}, layers={info['layers']}, "
           f"{info['tensors']} initializers, largest {info['largest_tensor_bytes'] / 1e6:.0f} MB "
           f"(generated in {time.perf_counter() - start:.0f} s); {os.cpu_count()} CPUs")
-    tools = [t for t in TOOLS if not (args.skip_peers and t in PEERS)]
+    chosen = set(args.tools.split(",")) | {"copy"} if args.tools else set(TOOLS)
+    tools = [t for t in TOOLS if t in chosen and not (args.skip_peers and t in PEERS)]
     source = source_dir / "model.onnx"
     results: dict[str, list[dict]] = {t: [] for t in tools}
     for round_index in range(max(1, args.repeat)):

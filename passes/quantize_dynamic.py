@@ -12,12 +12,21 @@ quantized consumer of the same activation. Conv (ConvInteger, uint8 weights, per
 all ORT's CPU kernel takes) is opt-in through ``ops``: measured slower than float on ORT
 CPU. Weights are quantized once however many nodes share them. If/Loop/Scan bodies are
 handled like the main graph; function bodies are left float and counted in ``fallbacks``.
+
+A weight (or Gemm bias) stored as external data is not read by the pass: its integer
+weight, weight scale and scaled bias become ``ir.LazyTensor``s computed from the
+memory-mapped source when the model is saved (or handed to ORT), one tensor at a time, so
+peak memory follows the largest tensor, not the model (see ``quantize_weights_lazy``). The
+graph is the same as for in-memory weights, and so are the numbers: both paths quantize
+with ``quantize_weights_lazy.quantize_array``, which equals ``quant_math.quantize_weight``.
+A Gemm weight stored transposed ([N, K]) is quantized per row and written transposed.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from typing import Literal
 
 import numpy as np
@@ -32,7 +41,9 @@ from onnxopt.selectors import NodeSelector, selector_field
 from . import quant_math as qm
 from onnxopt.naming import Namer
 
-from .qdq_placement import DEFAULT_DOMAINS, add_initializer, add_node, constant_array, drop_if_unused
+from . import quantize_weights_lazy as lazy
+from .qdq_placement import DEFAULT_DOMAINS, add_initializer, add_node, drop_if_unused
+from .quantize_weights_store import Store
 
 NAME = "quantize-dynamic"
 SUPPORTED = ("MatMul", "Gemm", "Conv")
@@ -107,29 +118,30 @@ class QuantizeDynamicPass(Pass):
 
     def _refusal(self, node: ir.Node) -> str | None:
         ins = node.inputs
-        if len(ins) < 2 or ins[0] is None or constant_array(ins[0]) is not None:
+        if len(ins) < 2 or ins[0] is None or _stored_tensor(ins[0]) is not None:
             return "no_activation_input"
         x_producer = ins[0].producer()
         if x_producer is not None and x_producer.op_type in ("DequantizeLinear", "DynamicQuantizeLinear"):
             return "already_quantized"
-        w = constant_array(ins[1])
-        if w is None or w.dtype != np.float32:
+        w = _stored_tensor(ins[1])  # dtype and shape only: an external weight is not read here
+        if w is None or w.dtype != ir.DataType.FLOAT:
             return "already_quantized" if ins[1].producer() is not None and \
                 ins[1].producer().op_type == "DequantizeLinear" else "no_constant_weight"
-        if node.op_type == "MatMul" and w.ndim != 2:
+        shape = _shape(w)
+        if node.op_type == "MatMul" and len(shape) != 2:
             return "weight_rank"
         if node.op_type == "Gemm":
             attr = node.attributes.get("transA")
-            if (attr is not None and attr.as_int()) or w.ndim != 2:
+            if (attr is not None and attr.as_int()) or len(shape) != 2:
                 return "gemm_layout"
             bias = ins[2] if len(ins) > 2 else None
-            if bias is not None and constant_array(bias) is None:
+            if bias is not None and _stored_tensor(bias) is None:
                 return "gemm_runtime_bias"
         if node.op_type == "Conv":
             group = node.attributes.get("group")
             if group is not None and group.as_int() != 1:
                 return "grouped_conv"
-        reduction = int(np.prod(w.shape[1:])) if node.op_type == "Conv" else _k(node, w)
+        reduction = math.prod(shape[1:]) if node.op_type == "Conv" else _k(node, shape)
         if reduction < self.options.min_reduction:
             return "reduction_below_min"
         return None
@@ -164,50 +176,46 @@ class QuantizeDynamicPass(Pass):
         stats["ops_quantized"] = dict(sorted(ops.items()))
         model.ir_version = max(model.ir_version, min_ir_version(default_opset(model)))
 
-    def _weight(self, graph, node, w: np.ndarray, axis: int | None, qtype: qm.QuantType, namer, weights, stats):
-        """(quantized weight, zero point or None, scale array), quantized once per weight and layout."""
+    def _weight(self, graph, node, axis: int | None, qtype: qm.QuantType, namer, weights, stats):
+        """(quantized weight, zero point or None, its _WeightQuantizer), quantized once per weight and layout."""
         source = node.inputs[1]
         key = (source, f"{node.op_type}:{axis}:{qtype.name}:{_transposed(node)}")
         if key not in weights:
-            q, scale, zp, _ = qm.quantize_weight(w, qtype, axis, symmetric=True, pow2=self.options.pow2)
+            quantizer = _WeightQuantizer(_stored_tensor(source), qtype, axis, _transposed(node), self.options.pow2)
             producer = source.producer()
             owner = producer.graph if producer is not None else (source.graph or graph)
             base = source.name or "weight"
-            q_value = add_initializer(owner, namer, f"{base}_quantized", q)
-            zp_value = None if qtype.signed else add_initializer(owner, namer, f"{base}_zero_point", zp)
-            weights[key] = (q_value, zp_value, scale)
+            q_value = _initializer(owner, namer, f"{base}_quantized", quantizer.quantized())
+            zp_value = None if qtype.signed else _initializer(owner, namer, f"{base}_zero_point",
+                                                              quantizer.zero_point())
+            weights[key] = (q_value, zp_value, quantizer)
             stats["weights_quantized"] += 1
         return weights[key]
 
     def _matmul(self, graph, node, xq, x_scale, x_zero, namer, weights, stats) -> None:
-        w = constant_array(node.inputs[1]).astype(np.float32)
-        if _transposed(node):
-            w = w.T.copy()
         alpha = beta = 1.0
         if node.op_type == "Gemm":
             alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 1.0
             beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 1.0
         qtype = qm.QuantType.parse(self.options.weight_type)
-        wq, w_zero, w_scale = self._weight(graph, node, w, 1 if self.options.per_channel else None, qtype, namer,
-                                           weights, stats)
+        wq, w_zero, quantizer = self._weight(graph, node, 1 if self.options.per_channel else None, qtype, namer,
+                                             weights, stats)
         out = node.outputs[0]
         base = out.name or "matmul"
         inputs = [xq, wq, x_zero] + ([w_zero] if w_zero is not None else [])
         acc = add_node(graph, namer, "MatMulInteger", inputs, out=f"{base}_int32", before=node)
         acc_f = add_node(graph, namer, "Cast", [acc], {"to": ir.DataType.FLOAT}, out=f"{base}_int32_float", before=node)
-        scale = add_initializer(graph, namer, f"{base}_weight_scale", (w_scale * np.float32(alpha)).astype(np.float32))
+        scale = _initializer(graph, namer, f"{base}_weight_scale", quantizer.scale(alpha))
         combined = add_node(graph, namer, "Mul", [x_scale, scale], out=f"{base}_scale", before=node)
         y = add_node(graph, namer, "Mul", [acc_f, combined], out=f"{base}_dequantized", before=node)
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         if bias is not None:
-            c = (constant_array(bias).astype(np.float32) * np.float32(beta)).astype(np.float32)
-            y = add_node(graph, namer, "Add", [y, add_initializer(graph, namer, f"{base}_bias", c)],
-                         out=f"{base}_biased", before=node)
+            c = _initializer(graph, namer, f"{base}_bias", _scaled(_stored_tensor(bias), beta))
+            y = add_node(graph, namer, "Add", [y, c], out=f"{base}_biased", before=node)
         self._replace(graph, node, y)
 
     def _conv(self, graph, node, xq, x_scale, x_zero, namer, weights, stats) -> None:
-        w = constant_array(node.inputs[1]).astype(np.float32)
-        wq, w_zero, w_scale = self._weight(graph, node, w, None, qm.QuantType(8, False), namer, weights, stats)
+        wq, w_zero, quantizer = self._weight(graph, node, None, qm.QuantType(8, False), namer, weights, stats)
         out = node.outputs[0]
         base = out.name or "conv"
         attrs = {k: v for k, v in node.attributes.items()}
@@ -216,12 +224,12 @@ class QuantizeDynamicPass(Pass):
         graph.insert_before(node, conv)
         acc_f = add_node(graph, namer, "Cast", [conv.outputs[0]], {"to": ir.DataType.FLOAT},
                          out=f"{base}_int32_float", before=node)
-        scale = add_initializer(graph, namer, f"{base}_weight_scale", np.asarray(w_scale, np.float32))
+        scale = _initializer(graph, namer, f"{base}_weight_scale", quantizer.scale(1.0))
         combined = add_node(graph, namer, "Mul", [x_scale, scale], out=f"{base}_scale", before=node)
         y = add_node(graph, namer, "Mul", [acc_f, combined], out=f"{base}_dequantized", before=node)
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             shape = add_initializer(graph, namer, f"{base}_bias_shape",
-                                    np.array([-1] + [1] * (w.ndim - 2), np.int64))
+                                    np.array([-1] + [1] * (len(quantizer.shape) - 2), np.int64))
             bias = add_node(graph, namer, "Reshape", [node.inputs[2], shape], out=f"{base}_bias", before=node)
             y = add_node(graph, namer, "Add", [y, bias], out=f"{base}_biased", before=node)
         self._replace(graph, node, y)
@@ -237,10 +245,77 @@ class QuantizeDynamicPass(Pass):
             drop_if_unused(value)
 
 
+class _WeightQuantizer:
+    """The integer weight, scales and zero point of one float weight: computed now, or at save time.
+
+    ``axis`` is the per-column axis (1) of the [K, N] weight the integer op reads, or None
+    (per tensor). A transposed Gemm weight is stored [N, K]: it is quantized per row and its
+    integers written transposed, which gives the same numbers as quantizing its transpose.
+    """
+
+    def __init__(self, tensor: ir.TensorProtocol, qtype: qm.QuantType, axis: int | None, transposed: bool,
+                 pow2: bool):
+        self.source = lazy.WeightSource(tensor)
+        self.defer = isinstance(tensor, ir.ExternalTensor)  # in memory: quantized at once
+        self.shape = _shape(tensor)
+        self.qtype, self.transposed = qtype, transposed
+        stored_axis = 1 - axis if transposed and axis is not None else axis
+        self.args = (qtype, stored_axis, None, True, pow2)  # symmetric, no blocks, no clipping
+        self.param_shape = lazy.param_shape(self.shape, stored_axis, None)
+
+    def quantized(self) -> ir.TensorProtocol:
+        def compute(w: np.ndarray) -> np.ndarray:
+            q = lazy.quantize_array(w, *self.args)[0]
+            return np.ascontiguousarray(q.T) if self.transposed else q
+
+        shape = self.shape[::-1] if self.transposed else self.shape
+        return lazy.payload(self.source, compute, self.qtype.ir_dtype, shape, self.defer)
+
+    def scale(self, multiplier: float) -> ir.TensorProtocol:
+        """The weight scale times ``multiplier`` (Gemm's alpha), in float32."""
+        def compute(w: np.ndarray) -> np.ndarray:
+            return np.asarray(lazy.weight_params(w, *self.args)[0] * np.float32(multiplier), dtype=np.float32)
+
+        return lazy.payload(self.source, compute, ir.DataType.FLOAT, self.param_shape, self.defer)
+
+    def zero_point(self) -> ir.TensorProtocol:
+        return ir.tensor(lazy.symmetric_zero_point(self.qtype, self.param_shape), dtype=self.qtype.ir_dtype)
+
+
+def _scaled(tensor: ir.TensorProtocol, factor: float) -> ir.TensorProtocol:
+    """``tensor * factor`` in float32 (Gemm's beta * C), deferred when the tensor is external data."""
+    return lazy.payload(lazy.WeightSource(tensor), lambda c: (c * np.float32(factor)).astype(np.float32),
+                        ir.DataType.FLOAT, _shape(tensor), isinstance(tensor, ir.ExternalTensor))
+
+
+def _stored_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """What ``constant_array`` reads, unread: the tensor of an initializer or of a Constant's ``value``.
+
+    (Not ir.convenience.get_const_tensor: it renames a Constant's tensor, changing the model.)
+    """
+    if value is None or value.is_graph_input():
+        return None
+    if value.const_value is not None:
+        return value.const_value
+    node = value.producer()
+    if node is None or node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
+        return None
+    attr = node.attributes.get("value")
+    return attr.as_tensor() if attr is not None and attr.type == ir.AttributeType.TENSOR else None
+
+
+def _shape(tensor: ir.TensorProtocol) -> tuple[int, ...]:
+    return tuple(int(d) for d in tensor.shape.numpy())
+
+
+def _initializer(graph: ir.Graph, namer: Namer, base: str, tensor: ir.TensorProtocol) -> ir.Value:
+    return Store(graph, namer, as_nodes=False).const(base, tensor)
+
+
 def _transposed(node: ir.Node) -> bool:
     attr = node.attributes.get("transB")
     return node.op_type == "Gemm" and attr is not None and bool(attr.as_int())
 
 
-def _k(node: ir.Node, w: np.ndarray) -> int:
-    return int(w.shape[1] if _transposed(node) else w.shape[0])
+def _k(node: ir.Node, shape: tuple[int, ...]) -> int:
+    return shape[1] if _transposed(node) else shape[0]

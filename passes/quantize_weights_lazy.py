@@ -1,4 +1,5 @@
-"""Chunked and deferred weight quantization for quantize-weights: peak memory follows one tensor, not the model.
+"""Chunked and deferred weight quantization for quantize-weights and quantize-dynamic: peak memory follows one
+tensor, not the model.
 
 :func:`quantize_array` returns exactly what :func:`quant_math.quantize_weight` returns
 (same ranges, scales, zero points, rounding, saturation and NaN handling) but walks the
@@ -13,6 +14,8 @@ Nothing is cached: each request maps the source, computes, and unmaps it, so two
 threads can compute two tensors at once and nothing accumulates across the model. The
 scale is recomputed from the weight's ranges when it is written (a cheap min/max pass)
 rather than kept from the quantization, so no per-model table of scales lives in memory.
+:func:`payload` gives ``fn(weight)`` either now or deferred, so a pass writes one code path
+for both; :func:`symmetric_zero_point` gives symmetric zero points without reading the weight.
 """
 
 from __future__ import annotations
@@ -310,3 +313,18 @@ def deferred(source: WeightSource, fn: Callable[[np.ndarray], np.ndarray | ir.Te
         return result if isinstance(result, ir.TensorProtocol) else ir.Tensor(result, dtype=dtype)
 
     return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape))
+
+
+def payload(source: WeightSource, fn: Callable[[np.ndarray], np.ndarray | ir.TensorProtocol],
+            dtype: ir.DataType, shape: tuple[int, ...], defer: bool) -> ir.TensorProtocol:
+    """``fn(weight)`` as a tensor: computed now, or with ``defer`` a :func:`deferred` LazyTensor."""
+    if defer:
+        return deferred(source, fn, dtype, shape)
+    result = source.apply(fn)
+    return result if isinstance(result, ir.TensorProtocol) else ir.Tensor(result, dtype=dtype)
+
+
+def symmetric_zero_point(qtype: qm.QuantType, shape: tuple[int, ...]) -> np.ndarray:
+    """The zero points quant_math gives a symmetric range of parameter shape ``shape`` (they do not depend on it)."""
+    zeros = np.zeros(shape, dtype=np.float64)
+    return qm.scale_zero_point(zeros, zeros, qtype, symmetric=True)[1]

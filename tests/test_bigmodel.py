@@ -1,4 +1,5 @@
-"""quantize-weights on models with external data: lazy until saved, streamed out, memory-bounded."""
+"""quantize-weights and quantize-dynamic on models with external data: lazy until saved, streamed out,
+memory-bounded."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from onnxopt.model_io import load_model, save_model
 from onnxopt.model_stats import model_stats
 from onnxopt.passes import quant_math as qm
 from onnxopt.passes import quantize_weights_lazy as lazy
+from onnxopt.passes.quantize_dynamic import QuantizeDynamicPass
 from onnxopt.passes.quantize_weights import QuantizeWeightsPass
 from onnxopt.verify import structural_problems
 
@@ -63,11 +65,15 @@ def write_external_model(directory: Path, d: int, layers: int, seed: int = 0) ->
     return path
 
 
-def ort_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+def ort_all_outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return session.run(None, {"x": x})
+
+
+def ort_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    return ort_all_outputs(path, x)[0]
 
 
 @pytest.fixture
@@ -163,7 +169,8 @@ _CHILD = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for the peak RSS")
-@pytest.mark.parametrize("spec", ["quantize-weights:bits=4,granularity=blocked", "quantize-weights:bits=8"])
+@pytest.mark.parametrize("spec", ["quantize-weights:bits=4,granularity=blocked", "quantize-weights:bits=8",
+                                  "quantize-dynamic:weight_type=int8"])
 def test_quantizing_a_200mb_model_keeps_peak_memory_far_below_the_model_size(tmp_path, spec):
     source = write_external_model(tmp_path / "in", d=1024, layers=12)  # 12 x 2 x 8 MB weights
     model_bytes = (source.parent / "model.onnx.data").stat().st_size
@@ -211,3 +218,104 @@ def test_deferred_and_immediate_quantization_write_the_same_model(tmp_path, opti
     for name in saved[0]:
         a, b = saved[0][name].const_value, saved[1][name].const_value
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+
+
+# -- quantize-dynamic ----------------------------------------------------------------------
+DYNAMIC = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[N,96] x) => (float[N,48] y, float[N,48] z) {
+    h = MatMul(x, w1)
+    g = Gemm<transB = 1, alpha = 0.5, beta = 2.0>(h, w2, b2)
+    y = Relu(g)
+    a = MatMul(x, w3)
+    c = MatMul(x, w3)
+    z = Add(a, c)
+}"""
+
+
+def write_dynamic_model(directory: Path) -> Path:
+    """MatMul [96, 64], Gemm (transB, alpha, beta) [48, 64] + bias, a [96, 48] weight shared by two MatMuls.
+
+    Every initializer, the bias too, is written as external data.
+    """
+    proto = onnx.parser.parse_model(DYNAMIC)
+    rng = np.random.default_rng(5)
+    for name, shape in (("w1", (96, 64)), ("w2", (48, 64)), ("b2", (48,)), ("w3", (96, 48))):
+        array = rng.standard_normal(shape).astype(np.float32)
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    path = directory / "m.onnx"
+    directory.mkdir(parents=True)
+    ir.save(ir.from_proto(proto), path, external_data="m.onnx.data", size_threshold_bytes=0)
+    return path
+
+
+def graph_layout(model: ir.Model) -> tuple[list, list]:
+    """Nodes (op, name, input names) and initializers (name, dtype, shape): the graph without its numbers."""
+    nodes = [(n.op_type, n.name, [v.name if v is not None else None for v in n.inputs]) for n in model.graph]
+    inits = [(v.name, v.const_value.dtype, v.const_value.shape.numpy()) for v in model.graph.initializers.values()]
+    return nodes, inits
+
+
+# int8 weights run through ORT's u8s8 kernels, which saturate int16 sums on x86 without VNNI (see weight_type)
+@pytest.mark.parametrize("options,bound", [({}, 0.03), ({"weight_type": "int8"}, 0.2),
+                                           ({"per_channel": False, "pow2": True}, 0.03)])
+def test_dynamic_external_weights_stay_lazy_until_saved_and_save_the_eager_model(tmp_path, reads, options, bound):
+    source = write_dynamic_model(tmp_path / "in")
+    deferred = load_model(source)
+    result = QuantizeDynamicPass(min_reduction=0, **options)(deferred)
+    assert result.stats["ops_quantized"] == {"Gemm": 1, "MatMul": 3} and result.stats["weights_quantized"] == 3
+    assert reads == []  # the pass read no weight
+    lazy_names = sorted(n for n, v in deferred.graph.initializers.items() if isinstance(v.const_value, ir.LazyTensor))
+    assert lazy_names == ["a_weight_scale", "c_weight_scale", "g_bias", "g_weight_scale", "h_weight_scale",
+                          "w1_quantized", "w2_quantized", "w3_quantized"]
+    save_model(deferred, tmp_path / "deferred" / "q.onnx", external_data=True)
+    assert sorted(reads) == sorted(["w1", "w2", "b2"] + ["w1", "w2", "w3", "w3", "w3"])  # one read per lazy tensor
+    immediate = ir.external_data.load_to_model(load_model(source))
+    assert QuantizeDynamicPass(min_reduction=0, **options)(immediate).stats == result.stats
+    assert graph_layout(deferred) == graph_layout(immediate)
+    assert not any(isinstance(v.const_value, ir.LazyTensor) for v in immediate.graph.initializers.values())
+    save_model(immediate, tmp_path / "immediate" / "q.onnx", external_data=True)
+    saved = [load_model(tmp_path / label / "q.onnx") for label in ("deferred", "immediate")]
+    assert graph_layout(saved[0]) == graph_layout(saved[1])
+    for name, value in saved[0].graph.initializers.items():
+        assert value.const_value.tobytes() == saved[1].graph.initializers[name].const_value.tobytes(), name
+    x = np.random.default_rng(2).standard_normal((5, 96)).astype(np.float32)
+    want = ort_all_outputs(source, x)
+    got = [ort_all_outputs(tmp_path / label / "q.onnx", x) for label in ("deferred", "immediate")]
+    for lazy_out, eager_out, float_out in zip(*got, want):
+        np.testing.assert_array_equal(lazy_out, eager_out)
+        assert np.abs(lazy_out - float_out).max() < bound * np.abs(float_out).max()
+
+
+def test_dynamic_external_weights_are_quant_math_numbers_with_alpha_and_beta_applied(tmp_path):
+    source = write_dynamic_model(tmp_path / "in")
+    model = load_model(source)
+    QuantizeDynamicPass(min_reduction=0)(model)
+    inits = model.graph.initializers
+    floats = {name: v.const_value.numpy() for name, v in load_model(source).graph.initializers.items()}
+    uint8 = qm.QuantType(8, False)
+    q1, s1, z1, _ = qm.quantize_weight(floats["w1"], uint8, 1)
+    q2, s2, _, _ = qm.quantize_weight(floats["w2"].T, uint8, 1)  # Gemm transB: the integer op reads [K, N]
+    np.testing.assert_array_equal(inits["w1_quantized"].const_value.numpy(), q1)
+    np.testing.assert_array_equal(inits["w1_zero_point"].const_value.numpy(), z1)
+    np.testing.assert_array_equal(inits["h_weight_scale"].const_value.numpy(), s1)
+    np.testing.assert_array_equal(inits["w2_quantized"].const_value.numpy(), q2)
+    np.testing.assert_array_equal(inits["g_weight_scale"].const_value.numpy(), s2 * np.float32(0.5))
+    np.testing.assert_array_equal(inits["g_bias"].const_value.numpy(), floats["b2"] * np.float32(2.0))
+    assert isinstance(inits["w2_quantized"].const_value, ir.LazyTensor)  # read above, still not cached
+
+
+def test_dynamic_external_model_through_optimize_validates_and_writes_external_int8(tmp_path):
+    source = write_external_model(tmp_path / "in", d=128, layers=3)
+    out = tmp_path / "out" / "q.onnx"
+    result = api.optimize(source, out, ["quantize-dynamic:weight_type=int8"], validate="each", budget="cosine=0.99")
+    step = result.run.steps[0]
+    assert result.ok, (step.status, step.reason, result.run.notes)
+    assert step.stats["weights_quantized"] == 6 and step.fidelity_metrics is not None
+    proto = onnx.load(out, load_external_data=False)
+    quantized = [t for t in proto.graph.initializer if t.name.endswith("_quantized")]
+    assert len(quantized) == 6 and all(t.data_location == onnx.TensorProto.EXTERNAL for t in quantized)
+    assert {t.data_type for t in quantized} == {onnx.TensorProto.INT8}
+    assert [n.op_type for n in proto.graph.node].count("MatMulInteger") == 6
+    x = np.random.default_rng(1).standard_normal((4, 128)).astype(np.float32)
+    want, got = ort_outputs(source, x), ort_outputs(out, x)
+    assert np.abs(want - got).max() / np.abs(want).max() < 0.15

@@ -167,3 +167,17 @@ def test_pow2_weight_scales_are_powers_of_two_and_stay_accurate():
     scales = constant_muls[0].inputs[1].const_value.numpy()
     assert np.allclose(np.log2(scales), np.round(np.log2(scales)))
     assert errors[True] <= 4 * errors[False] + 1e-3  # at most one bit of weight precision lost
+
+
+def test_a_refused_constant_node_weight_leaves_the_model_byte_for_byte():
+    unnamed = numpy_helper.from_array(np.ones((8, 4), np.float32))  # the Constant's tensor has no name
+    nodes = [onnx.helper.make_node("Constant", [], ["w"], value=unnamed),
+             onnx.helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])])
+    model = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    before = ir.to_proto(model).SerializeToString()
+    result = QuantizeDynamicPass()(model)  # K = 8 < min_reduction
+    assert not result.modified and result.stats["fallbacks"] == {"reduction_below_min": 1}
+    assert ir.to_proto(model).SerializeToString() == before
