@@ -1,8 +1,23 @@
 """quantize-weights: store float weights as low-bit integers, dequantized at run time.
 
-The weight input of MatMul (B), Gemm (B), Conv (W) and Gather (data) becomes a
-quantized constant behind a DequantizeLinear node (2, 4 and 8 bits), or for ``bits=1``
-a bit-packed sign tensor unpacked with BitShift/Mod/Where and scaled per output channel.
+The weight input of MatMul (B), Gemm (B), Conv (W), Gather (data) and LSTM/GRU/RNN (W, R)
+becomes a quantized constant behind a DequantizeLinear node (2, 4 and 8 bits), or for
+``bits=1`` a bit-packed sign tensor unpacked with BitShift/Mod/Where and scaled per output
+channel.
+
+A weight may reach those inputs through data-movement ops (Slice, Split, Concat, Transpose,
+Reshape, Squeeze, Unsqueeze, Identity), as exported LSTMs do when they reorder gates with
+Slice/Concat inside If bodies. When every path from the stored weight ends in such a
+weight input, the dequantized tensor takes the place of the stored weight and the
+data-movement ops run on it unchanged (exact: they only select and rearrange elements).
+The quantization axis is the consumers' output-channel axis traced back through
+Slice/Split/Concat/Transpose/Squeeze/Unsqueeze (their reduction axis for ``blocked``); when
+the consumers disagree, or a Reshape or a non-constant axes input hides the axis, it is
+axis 0 (per channel; ``blocked`` falls back to that too). Selectors and ``promote_nodes``
+address the consuming nodes (the LSTM, MatMul...), not the data-movement ops: such a
+weight is quantized only when all its consumers are selected, and is left float, with a
+reason in ``stats["skipped"]``, when only some are.
+
 Weights are found as initializers or Constant nodes of every graph (If/Loop/Scan bodies
 and functions too); a weight captured by a subgraph from an outer scope is quantized
 where it is stored. New constants are stored the way the weight was (initializer or
@@ -19,10 +34,16 @@ tensor at a time, so peak memory follows the largest tensor, not the model (see
 ``quantize_weights_lazy``). Other weights are quantized at once. Both paths give the same
 numbers as ``quant_math.quantize_weight``.
 
-Unnamed consumer nodes (MatMul/Gemm/Conv/Gather) get a deterministic name
+Unnamed consumer nodes (MatMul/Gemm/Conv/Gather/LSTM/GRU/RNN) get a deterministic name
 ``<op_type>_<n>`` (skipping names in use) before nodes are selected, so ``nodes`` /
-``exclude_nodes`` can address them; the names stay on the nodes whose weights were
-quantized, listed in ``stats["quantized_nodes"]``, and are taken back from the others.
+``exclude_nodes`` / ``promote_nodes`` can address them; the names stay on the nodes whose
+weights were quantized, listed in ``stats["quantized_nodes"]``, and are taken back from the
+others.
+
+``promote_nodes`` (the mixed-precision fallback's higher precision) quantizes the weights
+of the matched consumers at 8 bits instead of ``bits`` (same signedness and granularity;
+int8 per channel when ``bits=1``). A weight shared by promoted and other consumers takes
+8 bits. Every consumer of such a weight is listed in ``stats["promoted_nodes"]``.
 """
 
 from __future__ import annotations
@@ -36,12 +57,14 @@ import onnx_ir as ir
 from onnxopt.errors import UsageError
 from onnxopt.opset import default_opset, min_ir_version, require_opset
 from onnxopt.pass_base import Fidelity, Pass, PassResult
-from onnxopt.selectors import selector_field, selector_from_options
+from onnxopt.selectors import NameFilter, promote_field, selector_field, selector_from_options
+
+from onnxopt.graph_walk import all_nodes
+from onnxopt.naming import Namer, name_unnamed_nodes
 
 from . import quant_math as qm
 from . import quantize_weights_lazy as lazy
-from onnxopt.naming import Namer, name_unnamed_nodes
-
+from .quantize_weights_reach import CONSUMER_OPS, Reach, follow_weight, weight_axes
 from .quantize_weights_store import Store, stored_constants, take_back_names
 
 NAME = "quantize-weights"
@@ -69,6 +92,7 @@ class QuantizeWeightsOptions:
     ops: tuple[str, ...] = selector_field("ops")
     exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
     region: tuple[str, ...] = selector_field("region")
+    promote_nodes: tuple[str, ...] = promote_field()
 
     def __post_init__(self):
         if self.bits not in (1, 2, 4, 8):
@@ -97,27 +121,6 @@ class QuantizeWeightsOptions:
         return value
 
 
-# (op_type, input index) of the weight input of each supported consumer.
-_WEIGHT_SLOTS = {("MatMul", 1), ("Gemm", 1), ("Conv", 1), ("Gather", 0)}
-_CONSUMER_OPS = frozenset(op for op, _ in _WEIGHT_SLOTS)
-
-
-def _axes(node: ir.Node, rank: int) -> tuple[int | None, int | None]:
-    """(output-channel axis, reduction axis) of the weight of ``node``; None when it has none."""
-    if rank < 2:
-        return None, None
-    if node.op_type == "MatMul":
-        return rank - 1, rank - 2
-    if node.op_type == "Gemm":
-        trans = node.attributes.get("transB")
-        return (0, 1) if trans is not None and trans.as_int() else (1, 0)
-    if node.op_type == "Conv":
-        return 0, 1
-    attr = node.attributes.get("axis")  # Gather: one scale per gathered slice
-    channel = (attr.as_int() if attr is not None else 0) % rank
-    return channel, rank - 1 if channel != rank - 1 else 0
-
-
 @dataclasses.dataclass
 class _Group:
     """One quantized copy of a weight and the uses it feeds."""
@@ -127,7 +130,9 @@ class _Group:
     const_node: ir.Node | None
     tensor: ir.TensorProtocol
     shape: tuple[int, ...]
-    uses: list[tuple[ir.Node, int]]
+    uses: list[tuple[ir.Node, int]]  # the inputs that read the dequantized weight instead
+    consumers: list[ir.Node]  # the nodes computing with the weight (behind data-movement ops too)
+    bits: int
     axis: int | None  # per-axis or blocked axis of the stored form; None = per tensor
     block: int | None
     drops_original: bool
@@ -142,10 +147,10 @@ class _Group:
         """Computed at save time from the memory-mapped source instead of now."""
         return self.const_node is None and isinstance(self.tensor, ir.ExternalTensor)
 
-    def opset(self, bits: int) -> int:
-        if bits == 1:
+    def opset(self) -> int:
+        if self.bits == 1:
             return 11
-        need = {2: 25, 4: 21, 8: 10}[bits]
+        need = {2: 25, 4: 21, 8: 10}[self.bits]
         if self.block:
             need = max(need, 21)
         elif self.axis is not None:
@@ -154,29 +159,34 @@ class _Group:
 
 
 class QuantizeWeightsPass(Pass):
-    """Store MatMul/Gemm/Conv/Gather weights as 1/2/4/8-bit integers dequantized at run time."""
+    """Store MatMul/Gemm/Conv/Gather/LSTM/GRU/RNN weights as 1/2/4/8-bit integers dequantized at run time."""
 
     name = NAME
     Options = QuantizeWeightsOptions
     fidelity_of = Fidelity.LOSSY
 
+    def promoted_precision(self) -> str | None:
+        """What ``promote_nodes`` gives a node's weights; None when ``bits`` leaves nothing higher."""
+        return "8-bit weights" if self.options.bits < 8 else None
+
     def call(self, model: ir.Model) -> PassResult:
         opts = self.options
         stats: dict = {"weights_quantized": 0, "bytes_before": 0, "bytes_after": 0, "skipped": {},
-                       "quantized_nodes": []}
+                       "quantized_nodes": [], "promoted_nodes": []}
         if opts.clip is not None:
             stats["clipped"] = {}
-        assigned = name_unnamed_nodes(model, _CONSUMER_OPS)
+        assigned = name_unnamed_nodes(model, CONSUMER_OPS)
         try:
             groups = self._plan_and_upgrade(model, stats)
         except BaseException:
             take_back_names(model, assigned, keep=set())
             raise
-        consumers = {node for group in groups for node, _ in group.uses}
+        consumers = {node for group in groups for node in group.consumers}
         take_back_names(model, assigned, keep=consumers)
         if not groups:
             return PassResult(model, "opset_upgraded" in stats, stats)
         stats["quantized_nodes"] = sorted({node.name for node in consumers})
+        stats["promoted_nodes"] = sorted({n.name for g in groups if g.bits != opts.bits for n in g.consumers})
         namer = Namer(model)
         for group in groups:
             self._apply(group, namer, stats)
@@ -188,7 +198,7 @@ class QuantizeWeightsPass(Pass):
         groups = self._plan(model, stats["skipped"])
         if not groups:
             return groups
-        needed = max(g.opset(opts.bits) for g in groups)
+        needed = max(g.opset() for g in groups)
         upgraded = require_opset(
             model, needed, allow_upgrade=opts.upgrade_opset,
             refusal=f"{NAME}: bits={opts.bits} granularity={opts.granularity} needs opset {{needed}}, the model "
@@ -201,49 +211,73 @@ class QuantizeWeightsPass(Pass):
 
     # -- planning -------------------------------------------------------------------------
     def _plan(self, model: ir.Model, skipped: dict) -> list[_Group]:
-        opts = self.options
-        selector = selector_from_options(opts)
+        selector = selector_from_options(self.options)
         selected = None if selector.is_trivial else set(selector.select(model))
+        promote = self._promote_filter(model)
         groups: list[_Group] = []
         for graph, value, const_node, tensor in stored_constants(model):
-            uses = [(u.node, u.idx) for u in value.uses()]
-            slots = [(n, i) for n, i in uses if n.domain in ("", "ai.onnx") and (n.op_type, i) in _WEIGHT_SLOTS]
-            if not slots:
-                continue
-            chosen = [(n, i) for n, i in slots if selected is None or n in selected]
+            reach = follow_weight(value, len(tensor.shape))
+            chosen = [(n, i) for n, i, _ in reach.slots if selected is None or n in selected]
             if not chosen:
                 continue
             name = value.name or "(unnamed)"
-            reason = self._refusal(value, tensor, graph, uses, chosen)
-            if reason:
-                skipped[name] = reason
+            reason = self._refusal(value, tensor, graph, reach, chosen)
+            planned = reason or (self._plan_moved if reach.moved else self._plan_direct)(
+                value, graph, const_node, tensor, reach, chosen, promote)
+            if isinstance(planned, str):
+                skipped[name] = planned
                 continue
-            shape = tuple(int(d) for d in tensor.shape.numpy())
-            if opts.fork_shared:
-                keep_original = len(chosen) < len(uses)
-                parts = [[use] for use in chosen]
-            else:
-                keep_original = False
-                parts = [chosen]
-            for part in parts:
-                axis_block = {self._layout(n, len(shape)) for n, _ in part}
-                if len(axis_block) > 1:
-                    skipped[name] = "its consumers need different channel axes; set fork_shared=true"
-                    break
-            else:
-                for part in parts:
-                    axis, block = self._layout(part[0][0], len(shape))
-                    flat = block is not None and part[0][0].op_type == "Conv" and int(np.prod(shape[2:])) > 1
-                    group = _Group(value, graph, const_node, tensor, shape, part, axis, block, not keep_original, flat)
-                    if isinstance(graph, ir.Function):  # functions import their own opset; not upgraded here
-                        have = graph.opset_imports.get("", 1)
-                        if have < group.opset(opts.bits):
-                            skipped[name] = f"in function {graph.name} with opset {have} < {group.opset(opts.bits)}"
-                            continue
-                    groups.append(group)
+            for group in planned:
+                if isinstance(graph, ir.Function):  # functions import their own opset; not upgraded here
+                    have = graph.opset_imports.get("", 1)
+                    if have < group.opset():
+                        skipped[name] = f"in function {graph.name} with opset {have} < {group.opset()}"
+                        continue
+                groups.append(group)
         return groups
 
-    def _refusal(self, value, tensor, graph, uses, chosen) -> str | None:
+    def _promote_filter(self, model: ir.Model) -> NameFilter:
+        promote = NameFilter(self.options.promote_nodes)
+        if promote and not any(promote.matches(node) for node in all_nodes(model)):
+            raise UsageError(f"{NAME}: promote_nodes matched no node: looked for {list(promote.patterns)}")
+        return promote
+
+    def _plan_direct(self, value, graph, const_node, tensor, reach, chosen, promote) -> list[_Group] | str:
+        """Groups for a weight read directly by its consumers: one, or one per use with fork_shared."""
+        shape = tuple(int(d) for d in tensor.shape.numpy())
+        uses = list(value.uses())
+        keep_original = self.options.fork_shared and len(chosen) < len(uses)
+        parts = [[use] for use in chosen] if self.options.fork_shared else [chosen]
+        groups = []
+        for part in parts:
+            consumers = list(dict.fromkeys(n for n, _ in part))
+            bits, granularity = self._precision(consumers, promote)
+            layouts = {self._layout(n, len(shape), granularity) for n in consumers}
+            if len(layouts) > 1:
+                return "its consumers need different channel axes; set fork_shared=true"
+            axis, block = layouts.pop()
+            flat = block is not None and part[0][0].op_type == "Conv" and int(np.prod(shape[2:])) > 1
+            groups.append(_Group(value, graph, const_node, tensor, shape, part, consumers, bits, axis, block,
+                                 not keep_original, flat))
+        return groups
+
+    def _plan_moved(self, value, graph, const_node, tensor, reach, chosen, promote) -> list[_Group]:
+        """One group for a weight behind data-movement ops: dequantized where it is stored."""
+        shape = tuple(int(d) for d in tensor.shape.numpy())
+        consumers = reach.consumers()
+        bits, granularity = self._precision(consumers, promote)
+        axis, block = self._moved_layout(reach, len(shape), granularity)
+        uses = [(use.node, use.idx) for use in value.uses()]
+        return [_Group(value, graph, const_node, tensor, shape, uses, consumers, bits, axis, block, True)]
+
+    def _precision(self, consumers: list[ir.Node], promote: NameFilter) -> tuple[int, str]:
+        """(bits, granularity) for a weight of these consumers: 8 bits when one of them is promoted."""
+        opts = self.options
+        if opts.bits < 8 and promote and any(promote.matches(node) for node in consumers):
+            return 8, "per-channel" if opts.bits == 1 else opts.granularity
+        return opts.bits, opts.granularity
+
+    def _refusal(self, value, tensor, graph, reach: Reach, chosen) -> str | None:
         opts = self.options
         if tensor.dtype != ir.DataType.FLOAT:
             return f"dtype {tensor.dtype.name}; only float32 weights are quantized"
@@ -254,19 +288,43 @@ class QuantizeWeightsPass(Pass):
         size = int(np.prod(tensor.shape.numpy()))
         if size < opts.min_elements:
             return f"{size} elements < min_elements={opts.min_elements}"
+        if reach.moved:
+            return self._moved_refusal(reach, chosen)
+        uses = [(use.node, use.idx) for use in value.uses()]
         if len(chosen) < len(uses) and not opts.fork_shared:
             others = [f"{n.op_type} '{n.name}' input {i}" for n, i in uses if (n, i) not in chosen]
             return f"also used by {others[0]} (not a selected weight input); set fork_shared=true"
         return None
 
-    def _layout(self, node: ir.Node, rank: int) -> tuple[int | None, int | None]:
-        channel, reduction = _axes(node, rank)
-        granularity = self.options.granularity
+    @staticmethod
+    def _moved_refusal(reach: Reach, chosen) -> str | None:
+        """Behind data-movement ops the weight is dequantized for every path, so every path must end in a
+        selected weight input."""
+        if reach.problem:
+            return f"{reach.problem} (behind data-movement ops every path must end in a weight input)"
+        unselected = [n for n, i, _ in reach.slots if (n, i) not in chosen]
+        if unselected:
+            return (f"its consumer {unselected[0].op_type} '{unselected[0].name}' is not selected (behind "
+                    f"data-movement ops a weight is quantized for all its consumers or none)")
+        return None
+
+    def _layout(self, node: ir.Node, rank: int, granularity: str) -> tuple[int | None, int | None]:
+        channel, reduction = weight_axes(node, rank)
         if granularity == "per-tensor" or channel is None:
             return None, None
         if granularity == "blocked":
             return reduction, self.options.block_size
         return channel, None
+
+    def _moved_layout(self, reach: Reach, rank: int, granularity: str) -> tuple[int | None, int | None]:
+        """The consumers' traced axes; axis 0 per channel when they disagree or a Reshape hides them."""
+        if granularity == "per-tensor" or rank < 2:
+            return None, None
+        reduction = reach.stored_axis(1)
+        if granularity == "blocked" and reduction is not None:
+            return reduction, self.options.block_size
+        channel = reach.stored_axis(0)
+        return (0 if channel is None else channel), None
 
     # -- rewriting ------------------------------------------------------------------------
     def _apply(self, group: _Group, namer: Namer, stats: dict) -> None:
@@ -274,10 +332,10 @@ class QuantizeWeightsPass(Pass):
         base = group.value.name or "weight"
         as_nodes = group.const_node is not None or not isinstance(group.graph, ir.Graph)
         store = Store(group.graph, namer, as_nodes)
-        if opts.bits == 1:
+        if group.bits == 1:
             out = self._binary(group, base, store)
         else:
-            qtype = qm.QuantType(opts.bits, opts.signed)
+            qtype = qm.QuantType(group.bits, opts.signed)
             q, scale, zp, clipped = self._quantized_tensors(group, qtype)
             if opts.clip is not None:
                 stats["clipped"][base] = stats["clipped"].get(base, 0) + clipped
