@@ -90,7 +90,7 @@ def _split_samples(arrays: dict[str, np.ndarray], path: Path) -> Iterator[dict[s
             f"data file {path}: arrays must share a leading sample axis; got {', '.join(f'{k}{list(arrays[k].shape)}' for k in arrays)}"
         )
     for index in range(next(iter(counts.values()))):
-        yield {name: array[index] for name, array in arrays.items()}
+        yield {name: np.asarray(array[index]) for name, array in arrays.items()}  # 0-d stays an array
 
 
 def _check_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], where: str) -> None:

@@ -272,3 +272,26 @@ def test_table_says_what_mixed_precision_moved(mlp_path, tmp_path):
     out = io.StringIO()
     render_table(result.report, Console(file=out, width=160))
     assert "mixed precision to the budget: 1 nodes to quieter noise, 0 kept in float (2 trials)" in out.getvalue()
+
+
+def test_stacked_npz_feeds_scalar_inputs_as_0d_arrays(tmp_path):
+    import numpy as np
+
+    from onnxopt.feeds import input_specs, load_data
+    from onnxopt.model_io import save_model
+    from tests.helpers import model_from_text
+
+    # silero-vad takes its sample rate as a 0-d int64 input: stacked, it is a [N] array
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x, int64 sr) => (float[1, 4] y) {
+            f = Cast<to = 1>(sr)
+            y = Mul(x, f)
+        }""")
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.ones((3, 1, 4), np.float32), sr=np.array([16000, 8000, 16000], np.int64))
+    feeds = load_data(data, input_specs(model))
+    assert [f["sr"].shape for f in feeds] == [(), (), ()] and isinstance(feeds[1]["sr"], np.ndarray)
+    save_model(model, tmp_path / "m.onnx")
+    result = api.optimize(tmp_path / "m.onnx", tmp_path / "out.onnx", ["eliminate-identities"], data=data)
+    assert result.ok
