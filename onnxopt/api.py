@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from .errors import UsageError, ValidationFailed
-from .feeds import DEFAULT_SAMPLE_COUNT, describe_feeds, generate_feeds, input_specs, load_data
+from .errors import InputError, UsageError, ValidationFailed
+from .feeds import (DEFAULT_LEADING_DIM, DEFAULT_OTHER_DIM, DEFAULT_SAMPLE_COUNT, describe_feeds, generate_feeds,
+                    input_specs, load_data)
 from .inspect_model import inspect_model
 from .metrics import Budget, Tolerance
 from .model_io import load_model, same_file, save_model
@@ -105,7 +107,8 @@ def optimize(
     config = RunConfig(validate=validate, budget=budget, tolerance=tolerance or Tolerance(), keep_going=keep_going,
                        bisect_limit=bisect_limit, dump_dir=Path(dump_dir) if dump_dir else None,
                        reproducer_dir=Path(reproducer_dir) if reproducer_dir else None)
-    run = Runner(specs, config, registry=registry, progress=progress).run(model, feeds, calibration_feeds)
+    with _hint_on_generated_inputs(not data):
+        run = Runner(specs, config, registry=registry, progress=progress).run(model, feeds, calibration_feeds)
     written = None
     final_failed = run.final is not None and bool(run.final.error or run.final.breaches)
     if output is not None and not run.crash and run.model_trusted and not run.structure_problems \
@@ -118,6 +121,19 @@ def optimize(
     if report:
         write_report(document, report)
     return OptimizeResult(ok=run.ok, report=document, model=run.model, run=run, output=written)
+
+
+@contextlib.contextmanager
+def _hint_on_generated_inputs(generated: bool):
+    """A model that ORT cannot run on generated inputs usually needs real sizes: say how to give them."""
+    try:
+        yield
+    except InputError as exc:
+        if not generated or not str(exc).startswith("ONNX Runtime failed to run"):
+            raise
+        raise InputError(f"{exc} (the inputs were generated: symbolic dims are {DEFAULT_LEADING_DIM} "
+                         f"for the first axis and {DEFAULT_OTHER_DIM} elsewhere; give real sizes with --dim NAME=VALUE or "
+                         "INPUT.AXIS=VALUE, or real inputs with --data)") from None
 
 
 def _check_output_path(model_path: Path, output: Path, in_place: bool) -> None:

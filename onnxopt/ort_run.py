@@ -28,7 +28,7 @@ def session_options(optimized: bool = False, threads: int | None = None) -> ort.
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures surface as one-line InputErrors, not ORT's log
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -112,3 +112,22 @@ def test_data_npz_with_wrong_input_name_is_exit_2(tmp_path, capsys, cls_path):
     assert main(["optimize", str(cls_path), "-o", str(tmp_path / "o.onnx"), "-p", "remove-unused",
                  "--data", str(data), "--quiet"]) == 2
     assert "no array for model input(s) x" in capsys.readouterr().err
+
+
+def test_model_that_fails_on_generated_inputs_says_how_to_give_real_ones(tmp_path, capsys):
+    from tests.helpers import model_from_text
+    from onnxopt.model_io import save_model
+
+    # a reflect pad of 40 needs more than the 32 elements a generated symbolic dim gets
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[1, n] x) => (float[1, m] y) {
+            pads = Constant<value = int64[4] {0, 40, 0, 40}>()
+            y = Pad<mode = "reflect">(x, pads)
+        }""")
+    save_model(model, tmp_path / "m.onnx")
+    args = ["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "-p", "quantize-weights", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--dim NAME=VALUE" in err and "inputs were generated" in err
+    assert main(args + ["--dim", "x.1=64"]) == 0
