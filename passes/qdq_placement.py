@@ -9,7 +9,10 @@ AveragePool/GlobalAveragePool/Sigmoid/LeakyRelu -> their QLinear ops. MaxPool, R
 Transpose, Flatten, Squeeze, Unsqueeze, Slice, Gather, DepthToSpace, Expand, Tile and
 nearest Resize run on integers when the Q/DQ around them share one scale. Tanh,
 HardSigmoid, Pad, Sub, a lone Relu/Clip, linear Resize stay float: Q/DQ around them only
-adds work, so ``ort-cpu`` placement leaves them alone.
+adds work, so ``ort-cpu`` placement leaves them alone. ConvTranspose stays float too: ORT
+1.32 keeps ``DQ -> ConvTranspose -> Q`` as a float ConvTranspose (its com.microsoft
+QLinearConvTranspose has a schema but no CPU kernel), so only placement ``all`` quantizes
+it (weight per channel along axis 1, counted as ``no_integer_kernel`` under ``ort-cpu``).
 
 Placement ``ort-cpu``: weighted Conv/MatMul/Gemm (a float activation times a constant
 weight) are the anchors; their activation inputs are quantized, and so is a Conv's
@@ -29,7 +32,7 @@ import onnx_ir as ir
 
 from onnxopt.naming import Namer
 
-CORE = ("Conv", "MatMul", "Gemm")
+CORE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 FUSED = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu")
 PASS_THROUGH = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
                 "DepthToSpace", "Expand", "Tile", "Resize")
@@ -92,7 +95,8 @@ class Unit:
 
     @property
     def weighted(self) -> bool:
-        """A Conv/MatMul/Gemm whose second input is a float weight (not an activation x activation MatMul)."""
+        """A Conv/ConvTranspose/MatMul/Gemm whose second input is a float weight (not an activation x
+        activation MatMul)."""
         return self.node.op_type in CORE and len(self.node.inputs) > 1 and is_float_weight(self.node.inputs[1])
 
 
@@ -147,6 +151,9 @@ class Placer:
 
     def _core(self, node: ir.Node) -> Unit | None:
         ins = node.inputs
+        if node.op_type == "ConvTranspose" and self.placement == "ort-cpu":
+            self.fallbacks["no_integer_kernel"] += 1
+            return None
         if node.op_type == "MatMul" and len(ins) == 2 and self._activation(ins[0]) and self._activation(ins[1]):
             return Unit(node, [0, 1]) if self.placement == "all" and all(map(self.observed, ins)) else None
         if len(ins) < 2 or not self._activation(ins[0]):

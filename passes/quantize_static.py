@@ -8,8 +8,20 @@ Conv and Gemm biases become int32 with scale ``x_scale * w_scale``. Placement fo
 it quantizes, and MatMul+bias on 2-D activations becomes a Gemm (QGemm in ORT). A tensor
 whose quietest calibration sample would drown in the quantization step is left float.
 Nodes already behind DequantizeLinear, and QLinear/MatMulNBits/integer ops, are left as
-they are. If/Loop/Scan bodies are planned like the main graph; function bodies are left
-float (ORT inlines them, so calibration cannot see inside) and counted in ``fallbacks``.
+they are. If/Loop/Scan bodies are planned like the main graph. Model-local functions are
+inlined first (onnx_ir's InlinePass, as ORT would inline them) so that calibration sees
+their tensors; with ``inline_functions=false`` their bodies stay float and are counted in
+``fallbacks``.
+
+``promote_nodes`` is the mixed-precision fallback's middle step: the activations those
+nodes read and write get int16 Q/DQ (opset 21). A tensor has one Q/DQ pair, so one shared
+with an unpromoted node, or a Concat group sharing a scale with a promoted member, is int16
+for every consumer. ORT 1.32's CPU provider runs int16 QDQ as float ops between Q/DQ pairs
+and loads int16 activations with int8 weights for Conv, MatMul and Gemm. Measured there:
+a Conv keeps int8 weights (int16 Conv weights are right without graph optimizations but
+wrong with them, 48.6 -> 10.7 dB on PP-OCRv4 det); a MatMul/Gemm gets int16 weights,
+because its default session folds an int8 weight DQ into MatMulNBits, whose default
+accuracy level 4 requantizes the activation to 8 bits (38.7 -> 11.1 dB in the tests).
 """
 
 from __future__ import annotations
@@ -20,13 +32,14 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import InlinePass
 
 from onnxopt import calibration as calib
 from onnxopt.errors import UsageError
-from onnxopt.graph_walk import all_graphs
+from onnxopt.graph_walk import all_graphs, all_nodes
 from onnxopt.opset import default_opset, min_ir_version, require_opset
 from onnxopt.pass_base import Fidelity, Pass, PassResult
-from onnxopt.selectors import selector_field, selector_from_options
+from onnxopt.selectors import NameFilter, promote_field, selector_field, selector_from_options
 
 from . import quant_math as qm
 from onnxopt.naming import Namer
@@ -46,7 +59,9 @@ class QuantizeStaticOptions:
     activation_type: Literal["uint8", "int8", "int16"] = _opt("uint8", "integer type of activations")
     weight_type: Literal["auto", "int8", "uint8"] = _opt(
         "auto", "integer type of weights (symmetric); auto: uint8 where uint8 activations are centred (zero "
-        "point above 64), whose int8 products saturate ORT's u8s8 kernels on x86 without VNNI, else int8")
+        "point above 64), whose int8 products saturate ORT's u8s8 kernels on x86 without VNNI; int16 for a "
+        "MatMul/Gemm reading int16 activations (ORT would fold int8 ones into MatMulNBits, which requantizes "
+        "the activation to 8 bits by default); else int8")
     reduce_range: bool = _opt(False, "7-bit int8 weights: ORT's u8s8 kernels on x86 CPUs without VNNI "
                                     "(AVX2, AVX-512F) saturate int16 sums with full 8-bit weights")
     per_channel: bool = _opt(True, "one weight scale per output channel (needs opset 13) instead of per tensor")
@@ -69,22 +84,40 @@ class QuantizeStaticOptions:
     ops: tuple[str, ...] = selector_field("ops")
     exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
     region: tuple[str, ...] = selector_field("region")
+    promote_nodes: tuple[str, ...] = promote_field()
+    inline_functions: bool = _opt(True, "inline model-local functions first, so their nodes are calibrated and "
+                                        "quantized like the main graph's (false: leave function bodies float)")
 
     def __post_init__(self):
         if not 50 < self.percentile <= 100:
             raise UsageError(f"{NAME}: percentile must be in (50, 100], got {self.percentile}")
         if self.bins < 256:
             raise UsageError(f"{NAME}: bins must be at least 256, got {self.bins}")
+        if self.promote_nodes and self.activation_type == "int16":
+            raise UsageError(f"{NAME}: promote_nodes has no higher precision to give: activation_type is int16")
+        NameFilter(self.promote_nodes)  # a bad regular expression fails here, before any model is read
 
 
 def weight_axis(node: ir.Node, rank: int) -> int:
-    """The output-channel axis of the weight of a Conv, MatMul or Gemm."""
+    """The output-channel axis of the weight of a Conv, ConvTranspose ([C_in, C_out/group, k...]),
+    MatMul or Gemm."""
     if node.op_type == "Conv":
         return 0
+    if node.op_type == "ConvTranspose":
+        return 1
     if node.op_type == "Gemm":
         trans = node.attributes.get("transB")
         return 0 if trans is not None and trans.as_int() else 1
     return rank - 1
+
+
+def output_channel_scales(node: ir.Node, w_scale: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """A weight's scales by output channel, and the channel count: a grouped ConvTranspose's
+    weight holds C_out/group channels, which every group repeats."""
+    if node.op_type != "ConvTranspose":
+        return w_scale, shape[weight_axis(node, len(shape))]
+    group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+    return (np.tile(w_scale, group) if np.ndim(w_scale) else w_scale), shape[1] * group
 
 
 class QuantizeStaticPass(Pass):
@@ -94,50 +127,79 @@ class QuantizeStaticPass(Pass):
     Options = QuantizeStaticOptions
     fidelity_of = Fidelity.LOSSY
 
+    def promoted_precision(self) -> str | None:
+        """What ``promote_nodes`` get: int16 activations, unless every activation is int16 already."""
+        return None if self.options.activation_type == "int16" else "int16 activations"
+
     def call(self, model: ir.Model) -> PassResult:
         opts = self.options
-        feeds = self.context.feeds
-        if not feeds:
+        if not self.context.feeds:
             raise UsageError(f"{NAME} needs calibration samples (give --data)")
-        histogram = opts.calibration != "minmax"
-        stats = self.context.analysis(
-            ("calibration-statistics", histogram, opts.bins if histogram else 0),
-            lambda: calib.collect_statistics(model, feeds, histogram=histogram, bins=opts.bins,
-                                            progress=self.context.progress))
+        inlined = inline_local_functions(model) if opts.inline_functions else 0
+        promote = _promote_filter(model, opts.promote_nodes)
+        stats = self._statistics(model, inlined)
         result = {"tensors_calibrated": len(stats), "nodes_quantized": 0, "weights_quantized": 0,
                   "biases_quantized": 0, "tensors_quantized": 0, "affine_ops_folded": 0,
-                  "ops_quantized": {}, "fallbacks": {}}
-        plans = self._plan(model, stats, result)
+                  "ops_quantized": {}, "fallbacks": {}, "promoted_nodes": []}
+        if inlined:
+            result["functions_inlined"] = inlined
+        plans = self._plan(model, stats, result, promote)
         if not any(plan.units for _, plan in plans):
-            return PassResult(model, False, result)
-        need = max(13 if opts.per_channel else 10, 21 if opts.activation_type == "int16" else 10)
+            return PassResult(model, bool(inlined), result)
+        promoted = any(_promoted_values(plan, promote) for _, plan in plans)
+        need = max(13 if opts.per_channel else 10, 21 if opts.activation_type == "int16" or promoted else 10)
         upgraded = require_opset(
             model, need, allow_upgrade=opts.upgrade_opset,
             refusal=f"{NAME}: these options need opset {{needed}} (per-channel weights need 13, int16 activations "
-                    f"21) and the model has opset {{current}}; allow upgrade_opset=true or use per_channel=false")
+                    f"and promote_nodes 21) and the model has opset {{current}}; allow upgrade_opset=true or use "
+                    f"per_channel=false")
         if upgraded:  # the upgrade replaced the graph objects: plan again
             result["opset_upgraded"] = upgraded
-            plans = self._plan(model, stats, result)
-        levels = 2 ** qm.QuantType.parse(opts.activation_type).bits
-        names = [v.name for _, plan in plans for group in plan.groups for v in group]
-        ranges = calib.ranges_from_statistics(
-            stats, opts.calibration, tensors=names, percentile=opts.percentile, levels=levels,
-            symmetric=opts.symmetric_activations)
-        namer, weights = Namer(model), {}
+            plans = self._plan(model, stats, result, promote)
+        result["promoted_nodes"] = sorted({u.node.name for _, plan in plans for u in plan.units
+                                           if promote.matches(u.node) and u.node.name})
         # ranges by group, taken before any rewrite renames a tensor
-        group_ranges = [[(min(ranges[v.name][0] for v in g if v.name in ranges),
-                          max(ranges[v.name][1] for v in g if v.name in ranges), g[0].name) for g in plan.groups]
-                        for _, plan in plans]
+        group_ranges = self._group_ranges(plans, stats, promote)
+        namer, weights = Namer(model), {}
         for (graph, plan), graph_ranges in zip(plans, group_ranges):
             _Rewriter(graph, plan, graph_ranges, opts, namer, result, weights).run()
         model.ir_version = max(model.ir_version, min_ir_version(default_opset(model)))
         return PassResult(model, True, result)
 
-    def _plan(self, model: ir.Model, stats: dict, result: dict) -> list[tuple[ir.Graph, Plan]]:
+    def _statistics(self, model: ir.Model, inlined: int) -> dict:
+        """The core's calibration statistics of ``model`` as it is now (after inlining, whose
+        tensors a cached analysis of the model as given would not have)."""
+        histogram = self.options.calibration != "minmax"
+        bins = self.options.bins if histogram else 0
+        key = ("calibration-statistics", histogram, bins) + (("functions-inlined",) if inlined else ())
+        return self.context.analysis(
+            key, lambda: calib.collect_statistics(model, self.context.feeds, histogram=histogram, bins=self.options.bins,
+                                                  progress=self.context.progress))
+
+    def _activation_type(self, wide: bool) -> qm.QuantType:
+        return qm.QuantType(16, signed=True) if wide else qm.QuantType.parse(self.options.activation_type)
+
+    def _group_ranges(self, plans: list[tuple[ir.Graph, Plan]], stats: dict, promote: NameFilter) -> list[list]:
+        """Per graph, per group: (lo, hi, name for its scale and zero point, activation type); a
+        group read or written by a promoted unit is int16, with ranges chosen for int16 levels."""
+        wide = [[bool(_promoted_values(plan, promote).intersection(g)) for g in plan.groups] for _, plan in plans]
+        ranges = {}
+        for flag in (False, True):
+            names = [v.name for (_, plan), flags in zip(plans, wide) for g, f in zip(plan.groups, flags) if f == flag
+                     for v in g]
+            ranges[flag] = calib.ranges_from_statistics(
+                stats, self.options.calibration, tensors=names, percentile=self.options.percentile,
+                levels=2 ** self._activation_type(flag).bits, symmetric=self.options.symmetric_activations)
+        return [[(min(ranges[f][v.name][0] for v in g if v.name in ranges[f]),
+                  max(ranges[f][v.name][1] for v in g if v.name in ranges[f]), g[0].name, self._activation_type(f))
+                 for g, f in zip(plan.groups, flags)] for (_, plan), flags in zip(plans, wide)]
+
+    def _plan(self, model: ir.Model, stats: dict, result: dict,
+              promote: NameFilter) -> list[tuple[ir.Graph, Plan]]:
         selector = selector_from_options(self.options)
         chosen = None if selector.is_trivial else set(selector.select(model))
         fallbacks: collections.Counter = collections.Counter()
-        levels = 2 ** qm.QuantType.parse(self.options.activation_type).bits
+        near_promoted = {v for n in all_nodes(model) if promote.matches(n) for v in (*n.inputs, *n.outputs)}
 
         def problem(value: ir.Value) -> str | None:
             if value.dtype is not None and value.dtype != ir.DataType.FLOAT:
@@ -145,6 +207,7 @@ class QuantizeStaticPass(Pass):
             if value.name not in stats:
                 return "uncalibrated"
             s = stats[value.name]
+            levels = 2 ** self._activation_type(value in near_promoted).bits
             if self.options.min_sqnr_db > 0 and s.worst_sqnr_db(*s.range(), levels) < self.options.min_sqnr_db:
                 return "low_sqnr"
             return None
@@ -165,15 +228,42 @@ class QuantizeStaticPass(Pass):
         return plans
 
 
+def inline_local_functions(model: ir.Model) -> int:
+    """Inline every call of a model-local function (onnx_ir's InlinePass); returns how many calls."""
+    if not model.functions:
+        return 0
+    inlined = InlinePass()(model)
+    return sum(inlined.id_count.values())
+
+
+def _promote_filter(model: ir.Model, patterns: tuple[str, ...]) -> NameFilter:
+    promote = NameFilter(patterns)
+    if promote and not any(promote.matches(n) for n in all_nodes(model)):
+        raise UsageError(f"{NAME}: promote_nodes matched no node: looked for {list(patterns)}")
+    return promote
+
+
+def _promoted_values(plan: Plan, promote: NameFilter) -> set[ir.Value]:
+    """The quantized tensors promoted units read and write."""
+    if not promote:
+        return set()
+    values = set()
+    for unit in plan.units:
+        if promote.matches(unit.node):
+            values.update(unit.node.inputs[i] for i in unit.inputs)
+            if unit.quantize_output:
+                values.add(unit.output)
+    return values
+
+
 class _Rewriter:
     """Applies one graph's plan: fold BatchNorms, quantize weights and biases, insert Q/DQ."""
 
     def __init__(self, graph: ir.Graph, plan: Plan, ranges: list, opts: QuantizeStaticOptions, namer: Namer,
                  stats: dict, weights: dict):
         self.graph, self.plan, self.ranges, self.opts, self.namer, self.stats = graph, plan, ranges, opts, namer, stats
-        self.ranges = ranges  # per group: (lo, hi, name for its scale and zero point)
+        self.ranges = ranges  # per group: (lo, hi, name for its scale and zero point, activation type)
         self.weights = weights  # (weight, axis, type) -> ([q, scale, zero point] initializers, scale array)
-        self.act_type = qm.QuantType.parse(opts.activation_type)
         self.alias: dict[ir.Value, ir.Value] = {}
         self.params: dict[int, tuple[ir.Value, ir.Value, np.ndarray]] = {}
         self.group_of: dict[ir.Value, int] = {}
@@ -204,8 +294,8 @@ class _Rewriter:
     # -- parameters ---------------------------------------------------------------------------
     def _group_params(self, index: int) -> tuple[ir.Value, ir.Value, np.ndarray]:
         if index not in self.params:
-            lo, hi, base = self.ranges[index]
-            scale, zp = qm.scale_zero_point(lo, hi, self.act_type, self.opts.symmetric_activations, self.opts.pow2)
+            lo, hi, base, act_type = self.ranges[index]
+            scale, zp = qm.scale_zero_point(lo, hi, act_type, self.opts.symmetric_activations, self.opts.pow2)
             self.params[index] = (add_initializer(self.graph, self.namer, f"{base}_scale", scale),
                                   add_initializer(self.graph, self.namer, f"{base}_zero_point", zp), scale)
         return self.params[index]
@@ -322,14 +412,16 @@ class _Rewriter:
         dq.dtype, dq.shape = ir.DataType.FLOAT, ir.Shape(w.shape)
         node.replace_input_with(1, dq)
         drop_if_unused(weight)
-        if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and self.opts.quantize_bias:
-            self._quantize_bias(unit, w_scale, w.shape[weight_axis(node, w.ndim)])
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and self.opts.quantize_bias:
+            self._quantize_bias(unit, *output_channel_scales(node, w_scale, w.shape))
 
     def _weight_type(self, node: ir.Node) -> qm.QuantType:
         if self.opts.weight_type != "auto":
             return qm.QuantType.parse(self.opts.weight_type)
         zero_point = self._input_params(node)[1]
-        centred = not self.act_type.signed and self.act_type.bits == 8 and int(zero_point) > 64
+        if zero_point.dtype == np.int16 and node.op_type in ("MatMul", "Gemm"):
+            return qm.QuantType(16)  # int8 would let ORT fold it into MatMulNBits, which requantizes x to 8 bits
+        centred = zero_point.dtype == np.uint8 and int(zero_point) > 64
         return qm.QuantType(8, signed=not centred)
 
     def _quantize_bias(self, unit: Unit, w_scale: np.ndarray, n: int) -> None:
@@ -392,6 +484,6 @@ class _Rewriter:
                           out=f"{value.name}_dequantized", after=q.producer())
             for node, i in readers:
                 node.replace_input_with(i, dq)
-        q.dtype, q.shape = self.act_type.ir_dtype, value.shape
+        q.dtype, q.shape = self.ranges[index][3].ir_dtype, value.shape
         dq.dtype, dq.shape = ir.DataType.FLOAT, value.shape
         self.stats["tensors_quantized"] += 1

@@ -17,7 +17,7 @@ def _mlp_with_calibration(tmp_path):
     return model, data
 
 
-def test_static_quantization_over_budget_moves_a_node_to_float(tmp_path):
+def test_static_quantization_over_budget_promotes_a_node_to_int16(tmp_path):
     model, data = _mlp_with_calibration(tmp_path)
     loose = api.optimize(model, tmp_path / "a.onnx", ["quantize-static:min_reduction=16"], data=data,
                          budget="snr_db=30").report["passes"][0]
@@ -26,10 +26,24 @@ def test_static_quantization_over_budget_moves_a_node_to_float(tmp_path):
     tight = api.optimize(model, tmp_path / "b.onnx", ["quantize-static:min_reduction=16"], data=data,
                          budget="snr_db=40").report["passes"][0]
     assert tight["status"] == "ok", tight["reason"]
-    kept_float = tight["fallback"]["float_nodes"]
-    assert len(kept_float) == 1 and kept_float[0] not in tight["stats"]["quantized_nodes"]
+    fallback = tight["fallback"]
+    assert fallback["precision"] == "int16 activations" and fallback["float_nodes"] == []
+    assert len(fallback["promoted_nodes"]) == 1 and fallback["promoted_nodes"] == tight["stats"]["promoted_nodes"]
+    assert tight["stats"]["quantized_nodes"] == ["MatMul_0", "MatMul_1", "MatMul_2"]
     assert min(m["snr_db"] for m in tight["fidelity_metrics"].values()) >= 40
-    assert tight["fallback"]["trials"][-1]["ok"]
+    assert fallback["trials"][-1]["ok"]
+
+
+def test_static_int16_has_nothing_higher_and_keeps_nodes_in_float(tmp_path):
+    model, data = _mlp_with_calibration(tmp_path)
+    spec = "quantize-static:min_reduction=16,activation_type=int16,weight_type=int8"
+    step = api.optimize(model, tmp_path / "a.onnx", [spec], data=data, budget="snr_db=45").report["passes"][0]
+    assert step["status"] == "ok", step["reason"]
+    fallback = step["fallback"]
+    assert fallback["precision"] is None and fallback["promoted_nodes"] == []
+    assert {t["stage"] for t in fallback["trials"]} == {"float"} and len(fallback["float_nodes"]) in (1, 2)
+    assert not set(fallback["float_nodes"]) & set(step["stats"]["quantized_nodes"])
+    assert min(m["snr_db"] for m in step["fidelity_metrics"].values()) >= 45
 
 
 def test_weight_quantization_over_budget_keeps_nodes_in_float_or_rolls_back(tmp_path):
