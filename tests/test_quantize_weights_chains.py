@@ -259,13 +259,24 @@ def test_one_bit_promotes_to_int8_per_channel():
     run_ort(model, random_feeds(before))
 
 
+def test_eight_bit_promotes_to_int16_and_the_noise_drops():
+    model = mlp()
+    before = model.clone()
+    result = quantize(model, bits=8, promote_nodes=("^first$",))
+    assert dtypes(model) == {"w1_quantized": ir.DataType.INT16, "w2_quantized": ir.DataType.INT8}
+    assert result.stats["promoted_nodes"] == ["first"] and model.opset_imports[""] >= 21
+    feeds = random_feeds(before)
+    both_int16 = quantize(mlp(), bits=8, promote_nodes=("first", "second"))
+    assert both_int16.stats["promoted_nodes"] == ["first", "second"]
+    want = run_ort(before, feeds)[0]
+    errors = [np.abs(run_ort(m, feeds)[0] - want).max() for m in (model, both_int16.model)]
+    assert errors[1] < errors[0] / 50  # 16-bit weights everywhere: noise ~256x lower
+
+
 def test_promoted_precision_and_refusals():
     assert QuantizeWeightsPass(bits=4).promoted_precision() == "8-bit weights"
     assert QuantizeWeightsPass(bits=1).promoted_precision() == "8-bit weights"
-    assert QuantizeWeightsPass(bits=8).promoted_precision() is None
-    model = mlp()
-    result = quantize(model, bits=8, promote_nodes=("^first$",))  # nothing higher: no node is promoted
-    assert result.stats["promoted_nodes"] == [] and set(dtypes(model).values()) == {ir.DataType.INT8}
+    assert QuantizeWeightsPass(bits=8).promoted_precision() == "16-bit weights"
     with pytest.raises(UsageError, match="promote_nodes matched no node"):
         quantize(mlp(), bits=4, promote_nodes=("^nowhere$",))
     with pytest.raises(UsageError, match="bad regular expression"):
