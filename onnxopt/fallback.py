@@ -12,7 +12,8 @@ measured effect.
 
 It applies to passes whose options have an ``exclude_nodes`` selector field and that
 report the nodes they changed as ``stats["quantized_nodes"]``; promotion applies to passes
-that also have ``promote_nodes`` and ``promoted_precision()`` (see ``selectors.promote_field``).
+that also have ``promote_nodes`` and ``promotion_ladder()`` (see ``selectors.promote_field``):
+each rung of the ladder (8-bit, then 16-bit weights) is tried in turn.
 """
 
 from __future__ import annotations
@@ -109,12 +110,12 @@ def _float_inputs_by_output(model: ir.Model) -> dict[str, list[str]]:
     return table
 
 
-def promoted_precision(pass_) -> str | None:
-    """What the pass's ``promote_nodes`` gives a node (e.g. "int16 activations"), or None
-    when the pass has no such option or its options leave nothing higher than float."""
+def promotion_ladder(pass_) -> list[tuple[dict, str]]:
+    """The pass's higher precisions, lowest first, as (option changes, label); [] when the pass
+    has no ``promote_nodes`` or its options leave nothing higher than float."""
     if "promote_nodes" not in {f.name for f in dataclasses.fields(pass_.options)}:
-        return None
-    return pass_.promoted_precision()
+        return []
+    return list(pass_.promotion_ladder())
 
 
 def _exact(names) -> tuple[str, ...]:
@@ -130,12 +131,14 @@ class _Trials:
         self.outcome = outcome
         self.cache: dict[tuple, tuple[bool, ir.Model | None, Comparison | None, dict]] = {}
 
-    def run(self, stage: str, promoted: list[str], excluded: list[str], added: list[str]):
-        key = (tuple(promoted), tuple(excluded))
+    def run(self, stage: str, promoted: list[str], excluded: list[str], added: list[str],
+            rung: tuple[dict, str] = ({}, "")):
+        key = (tuple(promoted), tuple(excluded), tuple(sorted(rung[0].items())))
         if key in self.cache:
             return self.cache[key]
         changes = {"exclude_nodes": tuple(self.spec_options.exclude_nodes) + _exact(excluded)}
         if promoted:
+            changes |= rung[0]
             changes["promote_nodes"] = tuple(self.spec_options.promote_nodes) + _exact(promoted)
         options = dataclasses.replace(self.spec_options, **changes)
         result = self.pass_factory(options)(snapshot(self.model_before))
@@ -143,7 +146,8 @@ class _Trials:
         ok = comparison.error is None and not comparison.breaches
         worst = comparison.worst()
         self.outcome.trials.append({
-            "stage": stage, "promoted": len(promoted), "float_nodes": len(excluded), "ok": ok,
+            "stage": stage, "precision": rung[1] if promoted else None, "promoted": len(promoted),
+            "float_nodes": len(excluded), "ok": ok,
             "worst": {k: worst.get(k) for k in ("cosine", "snr_db", "max_abs", "agreement")},
             "breaches": comparison.breaches[:3], "added": added})
         self.cache[key] = (ok, result.model, comparison, result.stats)
@@ -177,20 +181,20 @@ def _smallest_holding(holds, most: int, trials_left) -> int | None:
 
 
 def search(pass_factory, spec_options, model_before: ir.Model, first_model: ir.Model, first_stats: dict,
-           validator: Validator, budget: Budget, feeds, precision: str | None = None) -> FallbackOutcome:
-    """Re-run the pass with its most sensitive nodes promoted (when the pass has a higher
-    precision), else kept in float; return the first model within budget (or None).
+           validator: Validator, budget: Budget, feeds, ladder: list[tuple[dict, str]] = ()) -> FallbackOutcome:
+    """Re-run the pass with its most sensitive nodes promoted (up each rung of the pass's
+    ``ladder`` of higher precisions), else kept in float; return the first model within
+    budget (or None).
 
-    Stage 1 (``precision`` given): promote the worst 1, 2, 4, ... nodes, then bisect.
-    Promoting every node is allowed (the model stays quantized) and is tried first, so a
-    hopeless stage costs one trial. Stage 2: keep the worst nodes in float, the others
-    promoted when stage 1 ran, ranked again on the all-promoted model.
+    Promote stage, per rung: promoting every node is allowed (the model stays quantized) and
+    is tried first, so a rung that cannot hold costs one trial; when it holds, promote the
+    worst 1, 2, 4, ... nodes, then bisect. Float stage: keep the worst nodes in float, the
+    others on the top rung, ranked again on the all-promoted model.
     """
     candidates = list(first_stats["quantized_nodes"])
     ranking = rank_nodes(model_before, first_model, feeds, candidates, validator.progress)
     order = [name for name, _ in ranking]
-    outcome = FallbackOutcome(None, None, precision=precision,
-                              ranking=[{"node": n, "local_snr_db": db} for n, db in ranking[:20]])
+    outcome = FallbackOutcome(None, None, ranking=[{"node": n, "local_snr_db": db} for n, db in ranking[:20]])
     trials = _Trials(pass_factory, spec_options, model_before, validator, budget, outcome)
 
     def finish(result, promoted, excluded) -> FallbackOutcome:
@@ -199,22 +203,25 @@ def search(pass_factory, spec_options, model_before: ir.Model, first_model: ir.M
         return outcome
 
     promoted: list[str] = []
-    if precision:
-        everything = trials.run("promote", order, [], order)
+    top: tuple[dict, str] = ({}, "")
+    everything = None
+    for rung in ladder:
+        everything = trials.run("promote", order, [], order, rung)
+        outcome.precision = rung[1]
         if everything[0]:
-            best = _smallest_holding(lambda k: trials.run("promote", order[:k], [], order[k - 1:k])[0],
+            best = _smallest_holding(lambda k: trials.run("promote", order[:k], [], order[k - 1:k], rung)[0],
                                      len(order), lambda: trials.count("promote") < MAX_TRIALS)
             best = best or len(order)
-            return finish(trials.run("promote", order[:best], [], []), order[:best], [])
-        promoted = order
-        if everything[1] is not None and everything[2].error is None:
-            ranking = rank_nodes(model_before, everything[1], feeds, candidates, validator.progress)
-            order = [name for name, _ in ranking]
-            outcome.ranking = [{"node": n, "local_snr_db": db} for n, db in ranking[:20]]
+            return finish(trials.run("promote", order[:best], [], [], rung), order[:best], [])
+        promoted, top = order, rung
+    if everything is not None and everything[1] is not None and everything[2].error is None:
+        ranking = rank_nodes(model_before, everything[1], feeds, candidates, validator.progress)
+        order = [name for name, _ in ranking]
+        outcome.ranking = [{"node": n, "local_snr_db": db} for n, db in ranking[:20]]
 
     def keep_float(k: int):
         rest = [n for n in promoted if n not in order[:k]]
-        return trials.run("float", rest, order[:k], order[k - 1:k])
+        return trials.run("float", rest, order[:k], order[k - 1:k], top)
 
     # Keeping every node in float would undo the pass: the most the search tries is all but one.
     best = _smallest_holding(lambda k: keep_float(k)[0], len(order) - 1, lambda: trials.count("float") < MAX_TRIALS)

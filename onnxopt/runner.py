@@ -272,11 +272,11 @@ class Runner:
 
     def _fall_back(self, spec, pass_, snapshot, model, stats, step, context, validator, reason):
         """Promote the most sensitive nodes, then keep them in float, until the budget holds (fallback.py)."""
-        from .fallback import promoted_precision, search
+        from .fallback import promotion_ladder, search
 
         cls = type(pass_)
         outcome = search(lambda options: cls(options, context=context), pass_.options, snapshot, model, stats,
-                         validator, self.config.budget, validator.feeds, promoted_precision(pass_))
+                         validator, self.config.budget, validator.feeds, promotion_ladder(pass_))
         step.fallback = {"precision": outcome.precision, "promoted_nodes": outcome.promoted,
                          "float_nodes": outcome.excluded, "trials": _jsonable(outcome.trials),
                          "sensitivity": _jsonable(outcome.ranking)}

@@ -53,8 +53,10 @@ PROMOTE_HELP = ("nodes (name regular expressions) quantized at the pass's higher
 def promote_field() -> dataclasses.Field:
     """The ``promote_nodes`` option of a pass that has a higher precision to fall back to.
 
-    A pass declaring it also defines ``promoted_precision()`` (what those nodes get, or
-    None when its options leave nothing higher) and reports ``stats["promoted_nodes"]``.
+    A pass declaring it also defines ``promotion_ladder()``: the precisions those nodes can
+    get, lowest first, as (option changes, label) pairs, e.g. ``({"promote_bits": 16},
+    "16-bit weights")``; empty when its options leave nothing higher. It reports
+    ``stats["promoted_nodes"]``.
     """
     return dataclasses.field(default=(), metadata={"help": PROMOTE_HELP})
 

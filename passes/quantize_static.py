@@ -127,9 +127,9 @@ class QuantizeStaticPass(Pass):
     Options = QuantizeStaticOptions
     fidelity_of = Fidelity.LOSSY
 
-    def promoted_precision(self) -> str | None:
-        """What ``promote_nodes`` get: int16 activations, unless every activation is int16 already."""
-        return None if self.options.activation_type == "int16" else "int16 activations"
+    def promotion_ladder(self) -> list[tuple[dict, str]]:
+        """What ``promote_nodes`` can get: int16 activations, unless every activation is int16 already."""
+        return [] if self.options.activation_type == "int16" else [({}, "int16 activations")]
 
     def call(self, model: ir.Model) -> PassResult:
         opts = self.options

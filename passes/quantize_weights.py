@@ -41,9 +41,9 @@ weights were quantized, listed in ``stats["quantized_nodes"]``, and are taken ba
 others.
 
 ``promote_nodes`` (the mixed-precision fallback's higher precision) quantizes the weights
-of the matched consumers at 8 bits instead of ``bits`` (same signedness and granularity;
-int8 per channel when ``bits=1``), or at 16 bits when ``bits=8`` (int16/uint16 behind
-DequantizeLinear, opset 21: half the float size, noise 48 dB lower). A weight shared by
+of the matched consumers at ``promote_bits`` instead of ``bits`` (same signedness and
+granularity; per channel when ``bits=1``): by default 8, or 16 when ``bits=8`` (int16/uint16
+behind DequantizeLinear, opset 21: half the float size, noise 48 dB lower). A weight shared by
 promoted and other consumers takes the higher precision. Every consumer of such a weight is listed in ``stats["promoted_nodes"]``.
 """
 
@@ -94,10 +94,13 @@ class QuantizeWeightsOptions:
     exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
     region: tuple[str, ...] = selector_field("region")
     promote_nodes: tuple[str, ...] = promote_field()
+    promote_bits: int = _opt(0, "bits of promote_nodes' weights, 8 or 16; 0: the next step up (8, or 16 when bits=8)")
 
     def __post_init__(self):
         if self.bits not in (1, 2, 4, 8):
             raise UsageError(f"{NAME}: bits must be 1, 2, 4 or 8, got {self.bits}")
+        if self.promote_bits not in (0, 8, 16) or 0 < self.promote_bits <= self.bits:
+            raise UsageError(f"{NAME}: promote_bits must be 0, or 8 or 16 above bits={self.bits}, got {self.promote_bits}")
         if self.block_size < 1:
             raise UsageError(f"{NAME}: block_size must be positive, got {self.block_size}")
         if self.bits == 1:
@@ -166,9 +169,10 @@ class QuantizeWeightsPass(Pass):
     Options = QuantizeWeightsOptions
     fidelity_of = Fidelity.LOSSY
 
-    def promoted_precision(self) -> str | None:
-        """What ``promote_nodes`` gives a node's weights."""
-        return "8-bit weights" if self.options.bits < 8 else "16-bit weights"
+    def promotion_ladder(self) -> list[tuple[dict, str]]:
+        """The higher precisions ``promote_nodes`` can give, lowest first: (option changes, label)."""
+        steps = (8, 16) if self.options.bits < 8 else (16,)
+        return [({"promote_bits": bits}, f"{bits}-bit weights") for bits in steps]
 
     def call(self, model: ir.Model) -> PassResult:
         opts = self.options
@@ -275,7 +279,8 @@ class QuantizeWeightsPass(Pass):
         """(bits, granularity) for a weight of these consumers: 8 (or 16) bits when one of them is promoted."""
         opts = self.options
         if promote and any(promote.matches(node) for node in consumers):
-            return (8, "per-channel") if opts.bits == 1 else (16 if opts.bits == 8 else 8, opts.granularity)
+            bits = opts.promote_bits or (16 if opts.bits == 8 else 8)
+            return (bits, "per-channel") if opts.bits == 1 else (bits, opts.granularity)
         return opts.bits, opts.granularity
 
     def _refusal(self, value, tensor, graph, reach: Reach, chosen) -> str | None:

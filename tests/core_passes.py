@@ -145,6 +145,7 @@ class PerturbMatMulsPass(Pass):
 class PromotableNoiseOptions(NodeNoiseOptions):
     promote_nodes: tuple[str, ...] = ()
     promoted_gain: float = 0.01
+    higher_gains: tuple[float, ...] = ()  # further rungs of the promotion ladder
 
 
 class PerturbMatMulsPromotablePass(PerturbMatMulsPass):
@@ -157,8 +158,10 @@ class PerturbMatMulsPromotablePass(PerturbMatMulsPass):
         gain = self.options.promoted_gain if self._promoted(node_name) else 1.0
         return super().noise(node_name) * gain
 
-    def promoted_precision(self) -> str | None:
-        return "quieter noise" if self.options.promoted_gain < 1 else None
+    def promotion_ladder(self) -> list[tuple[dict, str]]:
+        if self.options.promoted_gain >= 1:
+            return []
+        return [({}, "quieter noise")] + [({"promoted_gain": g}, f"gain {g:g}") for g in self.options.higher_gains]
 
 
 class DanglingInputPass(Pass):

@@ -140,9 +140,9 @@ def test_promotion_recovers_a_badly_ranged_tensor_in_ort():
     assert max(got["int8"]) < 5 and min(got["promoted"]) > max(got["int8"]) + 20  # measured: 0.2 dB -> 38.7 dB
 
 
-def test_promoted_precision_and_refusals():
-    assert QuantizeStaticPass().promoted_precision() == "int16 activations"
-    assert QuantizeStaticPass(activation_type="int16").promoted_precision() is None
+def test_promotion_ladder_and_refusals():
+    assert QuantizeStaticPass().promotion_ladder() == [({}, "int16 activations")]
+    assert QuantizeStaticPass(activation_type="int16").promotion_ladder() == []
     with pytest.raises(UsageError, match="no higher precision"):
         QuantizeStaticPass(activation_type="int16", promote_nodes=("y_Conv",))
     with pytest.raises(UsageError, match="bad regular expression"):

@@ -273,10 +273,12 @@ def test_eight_bit_promotes_to_int16_and_the_noise_drops():
     assert errors[1] < errors[0] / 50  # 16-bit weights everywhere: noise ~256x lower
 
 
-def test_promoted_precision_and_refusals():
-    assert QuantizeWeightsPass(bits=4).promoted_precision() == "8-bit weights"
-    assert QuantizeWeightsPass(bits=1).promoted_precision() == "8-bit weights"
-    assert QuantizeWeightsPass(bits=8).promoted_precision() == "16-bit weights"
+def test_promotion_ladder_and_refusals():
+    labels = {bits: [label for _, label in QuantizeWeightsPass(bits=bits).promotion_ladder()] for bits in (1, 4, 8)}
+    assert labels == {1: ["8-bit weights", "16-bit weights"], 4: ["8-bit weights", "16-bit weights"],
+                      8: ["16-bit weights"]}
+    with pytest.raises(UsageError, match="promote_bits must be"):
+        QuantizeWeightsPass(bits=8, promote_bits=8)
     with pytest.raises(UsageError, match="promote_nodes matched no node"):
         quantize(mlp(), bits=4, promote_nodes=("^nowhere$",))
     with pytest.raises(UsageError, match="bad regular expression"):

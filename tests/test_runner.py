@@ -261,6 +261,18 @@ def test_promotion_that_cannot_hold_falls_back_to_float_with_the_rest_promoted(m
     assert step["stats"]["quantized_nodes"] == ["MatMul_0", "MatMul_2"]
 
 
+def test_promotion_climbs_the_ladder_before_keeping_nodes_in_float(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["perturb-matmuls-promotable:loud_node=MatMul_1,promoted_gain=0.5,"
+                                            "higher_gains=[0.001]"], budget="snr_db=30")
+    step = result.report["passes"][0]
+    assert result.ok and step["status"] == "ok", step["reason"]
+    fallback = step["fallback"]
+    assert fallback["precision"] == "gain 0.001" and fallback["float_nodes"] == []
+    assert fallback["promoted_nodes"] == ["MatMul_1"]
+    assert [(t["stage"], t["precision"], t["promoted"], t["ok"]) for t in fallback["trials"]] == [
+        ("promote", "quieter noise", 3, False), ("promote", "gain 0.001", 3, True), ("promote", "gain 0.001", 1, True)]
+
+
 def test_table_says_what_mixed_precision_moved(mlp_path, tmp_path):
     import io
 
