@@ -37,10 +37,14 @@ Feed = dict[str, np.ndarray]
 
 
 def _value_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
-    """Element types of every named value, from the IR and from onnx shape inference."""
+    """Element types of every named value, from the IR and from onnx shape inference.
+
+    Inference sees the model without its big initializers (onnx_ir's ``call_onnx_api``
+    turns them into typed inputs), so models over protobuf's 2 GB limit are inferred too.
+    """
     dtypes: dict[str, ir.DataType] = {}
     try:
-        proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), data_prop=False)
+        proto = _without_big_initializers(lambda p: onnx.shape_inference.infer_shapes(p, data_prop=False), model)
         graphs = [proto.graph]
         while graphs:
             g = graphs.pop()
@@ -57,6 +61,14 @@ def _value_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
             if value.name and value.dtype is not None:
                 dtypes[value.name] = value.dtype
     return dtypes
+
+
+def _without_big_initializers(func, model: ir.Model):
+    try:
+        from onnx_ir.passes.common._c_api_utils import call_onnx_api
+    except ImportError:  # a private helper of onnx_ir: without it, serialize everything
+        return func(ir.to_proto(model))
+    return call_onnx_api(func, model)
 
 
 def activation_names(model: ir.Model, dtypes: dict[str, ir.DataType] | None = None) -> list[str]:

@@ -272,3 +272,29 @@ def test_scan_body_tensors_are_calibrated_over_every_iteration():
         state = products[-1] + x
     assert ranges["t"] == (min(p.min() for p in products), max(p.max() for p in products))
     assert ranges["s"] == (0.0, 12.0)
+
+
+def test_type_inference_leaves_big_initializers_out_of_the_proto(monkeypatch):
+    import onnx
+
+    model = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 512] x, float[512, 512] w) => (float[2, 512] y) {
+            h = MatMul(x, w)
+            y = Relu(h)
+        }""")
+    w = model.graph.inputs.pop()
+    w.const_value = ir.tensor(np.ones((512, 512), np.float32), name="w")
+    model.graph.register_initializer(w)
+    sizes = []
+    real = onnx.shape_inference.infer_shapes
+
+    def spy(proto, **kwargs):
+        sizes.append(proto.ByteSize())
+        return real(proto, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", spy)
+    dtypes = cal._value_dtypes(model)
+    assert sizes and sizes[0] < 100_000  # the 1 MB weight went in as a typed input, not as data
+    assert dtypes["h"] == dtypes["y"] == ir.DataType.FLOAT
+    assert model.graph.initializers["w"].const_value.numpy().sum() == 512 * 512  # restored
