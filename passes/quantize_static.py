@@ -181,14 +181,19 @@ class QuantizeStaticPass(Pass):
 
     def _group_ranges(self, plans: list[tuple[ir.Graph, Plan]], stats: dict, promote: NameFilter) -> list[list]:
         """Per graph, per group: (lo, hi, name for its scale and zero point, activation type); a
-        group read or written by a promoted unit is int16, with ranges chosen for int16 levels."""
+        group read or written by a promoted unit is int16, with ranges chosen for int16 levels.
+        Promoted groups are not clipped by ``calibration=percentile``: clipping trades outliers
+        for resolution, and int16 has resolution to spare; the outliers are what hurt."""
         wide = [[bool(_promoted_values(plan, promote).intersection(g)) for g in plan.groups] for _, plan in plans]
         ranges = {}
         for flag in (False, True):
             names = [v.name for (_, plan), flags in zip(plans, wide) for g, f in zip(plan.groups, flags) if f == flag
                      for v in g]
+            method = self.options.calibration
+            if flag and method == "percentile" and self.options.activation_type != "int16":
+                method = "minmax"
             ranges[flag] = calib.ranges_from_statistics(
-                stats, self.options.calibration, tensors=names, percentile=self.options.percentile,
+                stats, method, tensors=names, percentile=self.options.percentile,
                 levels=2 ** self._activation_type(flag).bits, symmetric=self.options.symmetric_activations)
         return [[(min(ranges[f][v.name][0] for v in g if v.name in ranges[f]),
                   max(ranges[f][v.name][1] for v in g if v.name in ranges[f]), g[0].name, self._activation_type(f))

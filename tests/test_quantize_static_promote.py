@@ -156,3 +156,24 @@ def test_without_promote_nodes_nothing_is_int16_and_the_opset_stays():
     result = quantize(model, samples((2, 8, 6, 6)))
     assert result.stats["promoted_nodes"] == [] and default_opset(model) == 17
     assert all(n.outputs[0].dtype == ir.DataType.UINT8 for n in model.graph if n.op_type == "QuantizeLinear")
+
+
+def test_promoted_tensors_are_not_clipped_by_percentile_calibration():
+    feeds = samples((4, 3, 64), count=8)
+    feeds[3]["x"][0, 0, 0] = 40.0  # one outlier among ~6000 values: percentile 99 clips it
+    peak, low = max(float(f["x"].max()) for f in feeds), min(float(f["x"].min()) for f in feeds)
+
+    def input_scale(model: ir.Model) -> tuple[float, ir.DataType]:
+        first = next(n for n in model.graph if n.name == "h_MatMul")
+        dq = first.inputs[0].producer()
+        return float(dq.inputs[1].const_value.numpy()), dq.inputs[0].dtype
+
+    clipped = badly_ranged()[0]
+    quantize(clipped, feeds, calibration="percentile", percentile=99.0)
+    scale, dtype = input_scale(clipped)
+    assert dtype == ir.DataType.UINT8 and scale * 255 < (peak - low) * 0.9  # the outlier saturates
+    promoted = badly_ranged()[0]
+    result = quantize(promoted, feeds, calibration="percentile", percentile=99.0, promote_nodes=("^h_MatMul$",))
+    assert result.stats["promoted_nodes"] == ["h_MatMul"]
+    scale, dtype = input_scale(promoted)
+    assert dtype == ir.DataType.INT16 and scale * 65535 >= (peak - low) * 0.999  # minmax: nothing clipped
