@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxopt.errors import UsageError
 from onnxopt.graph_walk import all_graphs
 from onnxopt.naming import Namer
-from onnxopt.opset import default_opset
+from onnxopt.opset import default_opset, require_opset
 from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.selectors import selector_field, selector_from_options
 
@@ -82,6 +82,7 @@ class ConvertFloat16Options:
     keep_ranges_over: float | None = _opt(
         None, "keep initializers/constants with |x| above this in float32 (default: the type's max, 65504)")
     store_weights: bool = _opt(True, "store weights of float32-kept nodes in half too, Cast back at run time")
+    upgrade_opset: bool = _opt(True, "dtype=bfloat16: upgrade a model older than opset 13 (else refuse)")
     nodes: tuple[str, ...] = selector_field("nodes")
     exclude_nodes: tuple[str, ...] = selector_field("exclude_nodes")
     ops: tuple[str, ...] = selector_field("ops")
@@ -126,9 +127,12 @@ class ConvertFloat16Pass(Pass):
         opts = self.options
         self.half = ir.DataType.FLOAT16 if opts.dtype == "float16" else ir.DataType.BFLOAT16
         self.np_half = np.float16 if opts.dtype == "float16" else ml_dtypes.bfloat16
+        upgraded = None
+        if self.half == ir.DataType.BFLOAT16:
+            upgraded = require_opset(model, 13, allow_upgrade=opts.upgrade_opset,
+                                     refusal=f"{NAME}: dtype=bfloat16 needs opset {{needed}} (Cast to bfloat16); the "
+                                             "model has {current}; allow upgrade_opset=true")
         self.opset = default_opset(model)
-        if self.half == ir.DataType.BFLOAT16 and self.opset < 13:
-            raise UsageError(f"{NAME}: dtype=bfloat16 needs opset 13 (Cast to bfloat16); the model has {self.opset}")
         limit = float(ml_dtypes.finfo(self.np_half).max)
         self.limit = min(opts.keep_ranges_over, limit) if opts.keep_ranges_over is not None else limit
         selector = selector_from_options(opts)
@@ -140,7 +144,9 @@ class ConvertFloat16Pass(Pass):
         self.stats = {"nodes_half": 0, "nodes_kept_float32": 0, "casts_inserted": 0, "tensors_converted": 0,
                       "bytes_saved": 0, "kept_float32_range": {}, "attributes_patched": 0,
                       "functions_left_float32": len(model.functions)}
-        self.changed = False
+        self.changed = upgraded is not None
+        if upgraded:
+            self.stats["opset_upgraded"] = upgraded
         for graph in all_graphs(model):
             if isinstance(graph, ir.Graph):
                 self._convert_sources(graph)

@@ -189,16 +189,23 @@ def test_loop_body_is_converted_and_schema_fixed_float_inputs_stay_float32():
     _close(before, model, {"x": np.ones((1, 2, 4, 4), np.float32), "n": np.array(3)})
 
 
-def test_bfloat16_runs_in_ort_and_needs_opset_13():
+def test_bfloat16_runs_in_ort_and_upgrades_or_refuses_below_opset_13():
     model = net()
     before = model.clone()
     ConvertFloat16Pass(dtype="bfloat16")(model)
     assert model.graph.initializers["w"].dtype == ir.DataType.BFLOAT16
     _close(before, model, rtol=5e-2, atol=1e-1)
-    old = ir.from_proto(onnx.parser.parse_model("""<ir_version: 7, opset_import: ["" : 11]>
-        g (float[2] x) => (float[2] y) { y = Relu(x) }"""))
+    def old():
+        return ir.from_proto(onnx.parser.parse_model("""<ir_version: 7, opset_import: ["" : 11]>
+            g (float[2] x) => (float[2] y) { y = Relu(x) }"""))
+
     with pytest.raises(UsageError, match="bfloat16 needs opset 13"):
-        ConvertFloat16Pass(dtype="bfloat16")(old)
+        ConvertFloat16Pass(dtype="bfloat16", upgrade_opset=False)(old())
+    upgraded = old()
+    result = ConvertFloat16Pass(dtype="bfloat16")(upgraded)
+    assert result.stats["opset_upgraded"] == "11->13" and upgraded.opset_imports[""] == 13
+    x = np.array([-1.5, 2.25], np.float32)
+    assert np.array_equal(run_ort(upgraded, {"x": x})[0], np.maximum(x, 0))
 
 
 PPOCR = Path(__file__).resolve().parents[1] / "models" / "data" / "ppocr_mobile_v2_cls.onnx"
