@@ -43,7 +43,8 @@ others.
 ``promote_nodes`` (the mixed-precision fallback's higher precision) quantizes the weights
 of the matched consumers at ``promote_bits`` instead of ``bits`` (same signedness and
 granularity; per channel when ``bits=1``): by default 8, or 16 when ``bits=8`` (int16/uint16
-behind DequantizeLinear, opset 21: half the float size, noise 48 dB lower). A weight shared by
+behind DequantizeLinear, opset 21: half the float size, noise 48 dB lower), and without
+``clip``: clipping trades outliers for resolution, and the outliers are what hurt. A weight shared by
 promoted and other consumers takes the higher precision. Every consumer of such a weight is listed in ``stats["promoted_nodes"]``.
 """
 
@@ -373,7 +374,8 @@ class QuantizeWeightsPass(Pass):
         """(quantized, scale, zero point, clipped count): computed now, or deferred to save time."""
         opts = self.options
         stored = group.stored_shape
-        args = (qtype, group.axis, group.block, opts.symmetric, opts.pow2, opts.clip_percentile)
+        clip = opts.clip_percentile if group.bits == opts.bits else None  # promoted: outliers are the harm
+        args = (qtype, group.axis, group.block, opts.symmetric, opts.pow2, clip)
         source = lazy.WeightSource(group.tensor)
         if not group.deferred:
             q, scale, zp, clipped = source.apply(lambda w: lazy.quantize_tensor(w.reshape(stored), *args))
@@ -384,7 +386,7 @@ class QuantizeWeightsPass(Pass):
                               ir.DataType.FLOAT, params)
         zp = lazy.deferred(source, lambda w: lazy.weight_params(w.reshape(stored), *args)[1], qtype.ir_dtype, params)
         clipped = 0
-        if opts.clip is not None:  # a statistic of this run: one bounded read of the weight now
+        if clip is not None:  # a statistic of this run: one bounded read of the weight now
             clipped = source.apply(lambda w: lazy.weight_params(w.reshape(stored), *args)[2])
         return q, scale, zp, clipped
 

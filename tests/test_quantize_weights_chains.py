@@ -326,3 +326,14 @@ def test_silero_lstm_weights_behind_slices_are_quantized(name, tmp_path: Path):
         want, got = run_ort(reference, feed)[0], run_ort(model, feed)[0]
         assert np.abs(want - got).max() < 0.05
         assert (want > 0.5) == (got > 0.5)
+
+
+def test_promoted_weights_are_not_clipped():
+    model = mlp()
+    w1 = model.graph.initializers["w1"].const_value.numpy().copy()
+    w1[0, 0] = 40.0  # one outlier: percentile 90 clips it
+    model.graph.initializers["w1"].const_value = ir.tensor(w1, name="w1")
+    result = quantize(model, bits=4, clip="percentile:90", promote_nodes=("^first$",))
+    assert result.stats["clipped"]["w1"] == 0 and result.stats["clipped"]["w2"] > 0
+    scale = dequantize_node(model, "w1").inputs[1].const_value.numpy()
+    assert scale.reshape(-1)[0] * 127 >= 40.0 * 0.999  # 8-bit range reaches the outlier
