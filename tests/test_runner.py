@@ -307,3 +307,19 @@ def test_stacked_npz_feeds_scalar_inputs_as_0d_arrays(tmp_path):
     save_model(model, tmp_path / "m.onnx")
     result = api.optimize(tmp_path / "m.onnx", tmp_path / "out.onnx", ["eliminate-identities"], data=data)
     assert result.ok
+
+
+def test_a_near_tie_of_the_reference_agrees_either_way():
+    import numpy as np
+
+    from onnxopt.metrics import output_metrics
+
+    # sample 2 is a coin flip for the reference (0.5005 vs 0.4995): flipping it is not a disagreement
+    reference = [np.array([[0.9, 0.1], [0.4995, 0.5005], [0.2, 0.8]], np.float32)]
+    flipped = [np.array([[0.9, 0.1], [0.5005, 0.4995], [0.2, 0.8]], np.float32)]
+    assert output_metrics(reference, flipped)["agreement"] == 1.0
+    clear_flip = [np.array([[0.1, 0.9], [0.5005, 0.4995], [0.2, 0.8]], np.float32)]
+    assert output_metrics(reference, clear_flip)["agreement"] == 2 / 3
+    probability = [np.array([[0.9], [0.503], [0.1]], np.float32)]
+    assert output_metrics(probability, [np.array([[0.9], [0.497], [0.1]], np.float32)])["agreement"] == 1.0
+    assert output_metrics(probability, [np.array([[0.4], [0.503], [0.1]], np.float32)])["agreement"] == 2 / 3
