@@ -281,6 +281,8 @@ class Runner:
                          "float_nodes": outcome.excluded, "trials": _jsonable(outcome.trials),
                          "sensitivity": _jsonable(outcome.ranking)}
         if outcome.model is None:
+            if not outcome.trials:
+                return model, f"{reason} (the pass changed one node: keeping it in float would undo the pass)"
             tried = max((t["float_nodes"] for t in outcome.trials), default=0)
             promoted = f" ({outcome.precision} for the others)" if outcome.precision and tried else ""
             return model, f"{reason} (still over budget with {tried} nodes kept in float{promoted})"

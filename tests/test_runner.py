@@ -160,6 +160,10 @@ def test_budget_that_cannot_hold_rolls_back_after_trying_every_node(mlp_path, tm
     result = _optimize(mlp_path, tmp_path, ["perturb-matmuls:scale=0.05"], budget="snr_db=200")
     step = result.report["passes"][0]
     assert step["status"] == "rolled_back" and "still over budget with 2 nodes kept in float" in step["reason"]
+    # one node changed: there is nothing to fall back to
+    single = _optimize(mlp_path, tmp_path, ["perturb-matmuls:scale=0.05,exclude_nodes=[MatMul_0,MatMul_1]"],
+                       budget="snr_db=200").report["passes"][0]
+    assert single["status"] == "rolled_back" and "keeping it in float would undo the pass" in single["reason"]
 
 
 def test_lossy_pass_reports_worst_tensors(mlp_path, tmp_path):
