@@ -132,7 +132,9 @@ class _Trials:
         self.cache: dict[tuple, tuple[bool, ir.Model | None, Comparison | None, dict]] = {}
 
     def run(self, stage: str, promoted: list[str], excluded: list[str], added: list[str],
-            rung: tuple[dict, str] = ({}, "")):
+            rung: tuple[dict, str] = ({}, ""), keep: bool = False):
+        """(ok, model, comparison, stats) of one trial, cached; the model of a failed trial is
+        dropped (memory) unless ``keep``."""
         key = (tuple(promoted), tuple(excluded), tuple(sorted(rung[0].items())))
         if key in self.cache:
             return self.cache[key]
@@ -150,7 +152,7 @@ class _Trials:
             "float_nodes": len(excluded), "ok": ok,
             "worst": {k: worst.get(k) for k in ("cosine", "snr_db", "max_abs", "agreement")},
             "breaches": comparison.breaches[:3], "added": added})
-        self.cache[key] = (ok, result.model, comparison, result.stats)
+        self.cache[key] = (ok, result.model if ok or keep else None, comparison, result.stats)
         return self.cache[key]
 
     def count(self, stage: str) -> int:
@@ -206,7 +208,7 @@ def search(pass_factory, spec_options, model_before: ir.Model, first_model: ir.M
     top: tuple[dict, str] = ({}, "")
     everything = None
     for rung in ladder:
-        everything = trials.run("promote", order, [], order, rung)
+        everything = trials.run("promote", order, [], order, rung, keep=True)
         outcome.precision = rung[1]
         if everything[0]:
             best = _smallest_holding(lambda k: trials.run("promote", order[:k], [], order[k - 1:k], rung)[0],
