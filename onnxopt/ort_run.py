@@ -60,13 +60,28 @@ def _session_from(source, options: ort.SessionOptions) -> ort.InferenceSession:
         raise InputError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
 
 
+def _cast_float_inputs(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    wanted = {i.name: _FLOAT_INPUTS.get(i.type) for i in session.get_inputs()}
+    return {name: array.astype(wanted[name]) if wanted.get(name) is not None and array.dtype != wanted[name]
+            and np.issubdtype(array.dtype, np.floating) else array for name, array in feed.items()}
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# ORT input type -> numpy dtype, for float inputs a rewrite may retype (convert-float16 keep_io_types=false).
+_FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
 def run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run one feed; returns outputs by name. Extra feed keys the model lacks are an error."""
+    """Run one feed; returns outputs by name. Extra feed keys the model lacks are an error.
+
+    Feeds are checked against the original model when they are loaded; a float input the
+    rewritten model takes in another float type (float16 IO) is cast to it here.
+    """
+    feed = _cast_float_inputs(session, feed)
     input_names = {i.name for i in session.get_inputs()}
     missing = input_names - feed.keys()
     if missing:

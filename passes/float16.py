@@ -89,6 +89,11 @@ class ConvertFloat16Options:
     exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
     region: tuple[str, ...] = selector_field("region")
 
+    def __post_init__(self):
+        if self.dtype == "bfloat16" and not self.keep_io_types:
+            raise UsageError(f"{NAME}: dtype=bfloat16 needs keep_io_types=true: numpy and ORT's Python API cannot "
+                             "feed or fetch bfloat16 tensors, so the result could not be validated or used from Python")
+
 
 @functools.lru_cache(maxsize=None)
 def _schema(op_type: str, opset: int):

@@ -223,3 +223,19 @@ def test_ppocr_classifier_in_half_storage_loads_runs_and_shrinks(tmp_path: Path)
     assert os.path.getsize(path) < 0.7 * os.path.getsize(PPOCR)
     x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 48, 192)).astype(np.float32)
     np.testing.assert_allclose(run_ort(ir.load(path), {"x": x})[0], run_ort(reference, {"x": x})[0], atol=5e-3)
+
+
+def test_half_graph_inputs_validate_through_the_runner(tmp_path):
+    from onnxopt import api
+
+    result = api.optimize(PPOCR, tmp_path / "half.onnx", ["convert-float16:keep_io_types=false"],
+                          dims={"x.2": 48, "x.3": 192})
+    step = result.report["passes"][0]
+    assert result.ok and step["status"] == "ok", step["reason"]
+    assert onnx.load(tmp_path / "half.onnx").graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert min(m["cosine"] for m in step["fidelity_metrics"].values()) > 0.999
+
+
+def test_bfloat16_graph_inputs_are_refused_before_the_model_is_read():
+    with pytest.raises(UsageError, match="bfloat16 needs keep_io_types=true"):
+        ConvertFloat16Pass(dtype="bfloat16", keep_io_types=False)
