@@ -10,6 +10,10 @@ weights cast back to float32 before use. Cast ``to``, ``dtype`` and ConstantOfSh
 ``value`` attributes of half nodes are patched. If/Loop/Scan bodies are converted too;
 their interfaces and If/Loop/Scan themselves stay float32. Function bodies are left in
 float32 (counted in ``functions_left_float32``); calls to them get float32 inputs.
+
+The selected nodes it converted (run in half, or read half-stored weights) are listed in
+``stats["quantized_nodes"]``, so the runner's mixed precision can keep the most
+sensitive of them in float32 (through ``exclude_nodes``) when the budget breaks.
 """
 
 from __future__ import annotations
@@ -149,6 +153,7 @@ class ConvertFloat16Pass(Pass):
         self.stats = {"nodes_half": 0, "nodes_kept_float32": 0, "casts_inserted": 0, "tensors_converted": 0,
                       "bytes_saved": 0, "kept_float32_range": {}, "attributes_patched": 0,
                       "functions_left_float32": len(model.functions)}
+        self.touched: list[str] = []
         self.changed = upgraded is not None
         if upgraded:
             self.stats["opset_upgraded"] = upgraded
@@ -156,6 +161,8 @@ class ConvertFloat16Pass(Pass):
             if isinstance(graph, ir.Graph):
                 self._convert_sources(graph)
         self._convert_graph(model.graph, main=True)
+        if self.changed:
+            self.stats["quantized_nodes"] = self.touched  # what mixed precision may keep in float32
         return PassResult(model, self.changed, self.stats)
 
     # -- decisions --------------------------------------------------------------------------
@@ -285,6 +292,8 @@ class ConvertFloat16Pass(Pass):
             return  # a float-to-float Cast is a deliberate precision boundary (the model's or ours)
         half = self._runs_half(node, float_in)
         self.stats["nodes_half" if half else "nodes_kept_float32"] += 1
+        if node.name and (self.selected is None or node in self.selected):
+            self.touched.append(node.name)  # excluding it keeps it, and the weights only it reads, float32
         ins = [_slot(info[1], i) if info else None for i in range(len(node.inputs))]
         outs = [_slot(info[2], i) if info else None for i in range(len(node.outputs))]
         targets = self._param_targets(node, half, ins, outs, info)

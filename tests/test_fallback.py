@@ -56,3 +56,17 @@ def test_weight_quantization_over_budget_keeps_nodes_in_float_or_rolls_back(tmp_
         assert min(m["snr_db"] for m in step["fidelity_metrics"].values()) >= 25
     else:
         assert "still over budget" in step["reason"]
+
+
+def test_float16_over_budget_keeps_nodes_in_float32(tmp_path):
+    model, data = _mlp_with_calibration(tmp_path)
+    loose = api.optimize(model, tmp_path / "a.onnx", ["convert-float16"], data=data).report["passes"][0]
+    assert loose["status"] == "ok" and loose["fallback"] is None
+    snr = min(m["snr_db"] for m in loose["fidelity_metrics"].values())
+    tight = api.optimize(model, tmp_path / "b.onnx", ["convert-float16"], data=data,
+                         budget=f"snr_db={snr + 6:.1f}").report["passes"][0]
+    assert tight["status"] == "ok", tight["reason"]
+    kept = tight["fallback"]["float_nodes"]
+    assert kept and tight["fallback"]["precision"] is None
+    assert not set(kept) & set(tight["stats"]["quantized_nodes"])
+    assert min(m["snr_db"] for m in tight["fidelity_metrics"].values()) >= snr + 6
