@@ -7,8 +7,9 @@ the float model's on the validation feeds; nodes are ranked by the SQNR they los
 themselves (inputs' SQNR minus outputs'), worst first. The search promotes, then
 excludes, the worst 1, 2, 4, ... nodes (at most all but one in float: keeping every
 node in float would undo the pass) until the budget holds, then bisects down to the
-smallest count that still holds. Every trial is re-validated and recorded with its
-measured effect.
+smallest count that still holds, and finally keeps either half of the chosen nodes
+while that half alone holds (the ranking is an estimate; often one or two nodes
+decide). Every trial is re-validated and recorded with its measured effect.
 
 It applies to passes whose options have an ``exclude_nodes`` selector field and that
 report the nodes they changed as ``stats["quantized_nodes"]``; promotion applies to passes
@@ -32,6 +33,7 @@ from .snapshot import snapshot
 from .validation import Comparison, Validator
 
 MAX_TRIALS = 12
+MAX_REFINE_TRIALS = 12
 
 
 @dataclass
@@ -213,20 +215,42 @@ def search(pass_factory, spec_options, model_before: ir.Model, first_model: ir.M
         if everything[0]:
             best = _smallest_holding(lambda k: trials.run("promote", order[:k], [], order[k - 1:k], rung)[0],
                                      len(order), lambda: trials.count("promote") < MAX_TRIALS)
-            best = best or len(order)
-            return finish(trials.run("promote", order[:best], [], [], rung), order[:best], [])
+            chosen = _halve(lambda names: trials.run("refine", names, [], [], rung)[0], order[:best or len(order)],
+                            lambda: trials.count("refine") < MAX_REFINE_TRIALS)
+            return finish(trials.run("promote", chosen, [], [], rung), chosen, [])
         promoted, top = order, rung
     if everything is not None and everything[1] is not None and everything[2].error is None:
         ranking = rank_nodes(model_before, everything[1], feeds, candidates, validator.progress)
         order = [name for name, _ in ranking]
         outcome.ranking = [{"node": n, "local_snr_db": db} for n, db in ranking[:20]]
 
-    def keep_float(k: int):
-        rest = [n for n in promoted if n not in order[:k]]
-        return trials.run("float", rest, order[:k], order[k - 1:k], top)
+    def keep_float(names: list[str], stage: str = "float"):
+        rest = [n for n in promoted if n not in names]
+        return trials.run(stage, rest, names, names[-1:], top)
 
     # Keeping every node in float would undo the pass: the most the search tries is all but one.
-    best = _smallest_holding(lambda k: keep_float(k)[0], len(order) - 1, lambda: trials.count("float") < MAX_TRIALS)
+    best = _smallest_holding(lambda k: keep_float(order[:k])[0], len(order) - 1,
+                             lambda: trials.count("float") < MAX_TRIALS)
     if best is None:
         return outcome
-    return finish(keep_float(best), [n for n in promoted if n not in order[:best]], order[:best])
+    chosen = _halve(lambda names: keep_float(names, "refine")[0], order[:best],
+                    lambda: trials.count("refine") < MAX_REFINE_TRIALS)
+    return finish(keep_float(chosen), [n for n in promoted if n not in chosen], chosen)
+
+
+def _halve(holds, chosen: list[str], trials_left) -> list[str]:
+    """Drop half of ``chosen`` while the other half alone still holds.
+
+    The ranking is an estimate (a node's own noise can hide behind the noise flowing into
+    it), and often one or two nodes decide: after the ranked search, try each half of
+    what it chose, keep a half that holds, and repeat until neither does.
+    """
+    while len(chosen) > 1 and trials_left():
+        half = len(chosen) // 2
+        for part in (chosen[half:], chosen[:half]):
+            if trials_left() and holds(part):
+                chosen = part
+                break
+        else:
+            return chosen
+    return chosen
