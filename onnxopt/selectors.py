@@ -79,6 +79,15 @@ class NameFilter:
         return any(p.search(name) for p in self._res)
 
 
+def promote_filter(model: ir.Model, patterns: tuple[str, ...], owner: str) -> NameFilter:
+    """The :class:`NameFilter` of a pass's ``promote_nodes``; a filter that matches no node of
+    ``model`` is a ``UsageError`` naming the pass ``owner``."""
+    promote = NameFilter(patterns)
+    if promote and not any(promote.matches(n) for graph in all_graphs(model) for n in graph):
+        raise UsageError(f"{owner}: promote_nodes matched no node: looked for {list(patterns)}")
+    return promote
+
+
 def _compile(patterns: Iterable[str], field: str) -> tuple[re.Pattern, ...]:
     compiled = []
     for pattern in patterns:

@@ -41,18 +41,25 @@ ALL_OPS = CORE + FUSED + PASS_THROUGH + ("Softmax", "Relu", "Clip", "Sub", "Div"
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The array of an initializer or Constant output (not an overridable graph input)."""
+def stored_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of an initializer or of a Constant's ``value`` (not an overridable graph
+    input), without reading its data. (Not ir.convenience.get_const_tensor: it renames a
+    Constant's tensor, changing the model.)"""
     if value is None or value.is_graph_input():
         return None
     if value.const_value is not None:
-        return value.const_value.numpy()
+        return value.const_value
     node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
-        attr = node.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return attr.as_tensor().numpy()
-    return None
+    if node is None or node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
+        return None
+    attr = node.attributes.get("value")
+    return attr.as_tensor() if attr is not None and attr.type == ir.AttributeType.TENSOR else None
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The array of an initializer or Constant output (not an overridable graph input)."""
+    tensor = stored_tensor(value)
+    return None if tensor is None else tensor.numpy()
 
 
 def is_float_weight(value: ir.Value | None) -> bool:

@@ -42,7 +42,7 @@ from . import quant_math as qm
 from onnxopt.naming import Namer
 
 from . import quantize_weights_lazy as lazy
-from .qdq_placement import DEFAULT_DOMAINS, add_initializer, add_node, drop_if_unused
+from .qdq_placement import DEFAULT_DOMAINS, add_initializer, add_node, drop_if_unused, stored_tensor
 from .quantize_weights_store import Store
 
 NAME = "quantize-dynamic"
@@ -118,12 +118,12 @@ class QuantizeDynamicPass(Pass):
 
     def _refusal(self, node: ir.Node) -> str | None:
         ins = node.inputs
-        if len(ins) < 2 or ins[0] is None or _stored_tensor(ins[0]) is not None:
+        if len(ins) < 2 or ins[0] is None or stored_tensor(ins[0]) is not None:
             return "no_activation_input"
         x_producer = ins[0].producer()
         if x_producer is not None and x_producer.op_type in ("DequantizeLinear", "DynamicQuantizeLinear"):
             return "already_quantized"
-        w = _stored_tensor(ins[1])  # dtype and shape only: an external weight is not read here
+        w = stored_tensor(ins[1])  # dtype and shape only: an external weight is not read here
         if w is None or w.dtype != ir.DataType.FLOAT:
             return "already_quantized" if ins[1].producer() is not None and \
                 ins[1].producer().op_type == "DequantizeLinear" else "no_constant_weight"
@@ -135,7 +135,7 @@ class QuantizeDynamicPass(Pass):
             if (attr is not None and attr.as_int()) or len(shape) != 2:
                 return "gemm_layout"
             bias = ins[2] if len(ins) > 2 else None
-            if bias is not None and _stored_tensor(bias) is None:
+            if bias is not None and stored_tensor(bias) is None:
                 return "gemm_runtime_bias"
         if node.op_type == "Conv":
             group = node.attributes.get("group")
@@ -181,7 +181,7 @@ class QuantizeDynamicPass(Pass):
         source = node.inputs[1]
         key = (source, f"{node.op_type}:{axis}:{qtype.name}:{_transposed(node)}")
         if key not in weights:
-            quantizer = _WeightQuantizer(_stored_tensor(source), qtype, axis, _transposed(node), self.options.pow2)
+            quantizer = _WeightQuantizer(stored_tensor(source), qtype, axis, _transposed(node), self.options.pow2)
             producer = source.producer()
             owner = producer.graph if producer is not None else (source.graph or graph)
             base = source.name or "weight"
@@ -210,7 +210,7 @@ class QuantizeDynamicPass(Pass):
         y = add_node(graph, namer, "Mul", [acc_f, combined], out=f"{base}_dequantized", before=node)
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         if bias is not None:
-            c = _initializer(graph, namer, f"{base}_bias", _scaled(_stored_tensor(bias), beta))
+            c = _initializer(graph, namer, f"{base}_bias", _scaled(stored_tensor(bias), beta))
             y = add_node(graph, namer, "Add", [y, c], out=f"{base}_biased", before=node)
         self._replace(graph, node, y)
 
@@ -286,22 +286,6 @@ def _scaled(tensor: ir.TensorProtocol, factor: float) -> ir.TensorProtocol:
     """``tensor * factor`` in float32 (Gemm's beta * C), deferred when the tensor is external data."""
     return lazy.payload(lazy.WeightSource(tensor), lambda c: (c * np.float32(factor)).astype(np.float32),
                         ir.DataType.FLOAT, _shape(tensor), isinstance(tensor, ir.ExternalTensor))
-
-
-def _stored_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """What ``constant_array`` reads, unread: the tensor of an initializer or of a Constant's ``value``.
-
-    (Not ir.convenience.get_const_tensor: it renames a Constant's tensor, changing the model.)
-    """
-    if value is None or value.is_graph_input():
-        return None
-    if value.const_value is not None:
-        return value.const_value
-    node = value.producer()
-    if node is None or node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
-        return None
-    attr = node.attributes.get("value")
-    return attr.as_tensor() if attr is not None and attr.type == ir.AttributeType.TENSOR else None
 
 
 def _shape(tensor: ir.TensorProtocol) -> tuple[int, ...]:

@@ -39,7 +39,7 @@ from onnxopt.errors import UsageError
 from onnxopt.graph_walk import all_graphs, all_nodes
 from onnxopt.opset import default_opset, min_ir_version, require_opset
 from onnxopt.pass_base import Fidelity, Pass, PassResult
-from onnxopt.selectors import NameFilter, promote_field, selector_field, selector_from_options
+from onnxopt.selectors import NameFilter, promote_field, promote_filter, selector_field, selector_from_options
 
 from . import quant_math as qm
 from onnxopt.naming import Namer
@@ -136,7 +136,7 @@ class QuantizeStaticPass(Pass):
         if not self.context.feeds:
             raise UsageError(f"{NAME} needs calibration samples (give --data)")
         inlined = inline_local_functions(model) if opts.inline_functions else 0
-        promote = _promote_filter(model, opts.promote_nodes)
+        promote = promote_filter(model, opts.promote_nodes, NAME)
         stats = self._statistics(model, inlined)
         result = {"tensors_calibrated": len(stats), "nodes_quantized": 0, "weights_quantized": 0,
                   "biases_quantized": 0, "tensors_quantized": 0, "affine_ops_folded": 0,
@@ -239,13 +239,6 @@ def inline_local_functions(model: ir.Model) -> int:
         return 0
     inlined = InlinePass()(model)
     return sum(inlined.id_count.values())
-
-
-def _promote_filter(model: ir.Model, patterns: tuple[str, ...]) -> NameFilter:
-    promote = NameFilter(patterns)
-    if promote and not any(promote.matches(n) for n in all_nodes(model)):
-        raise UsageError(f"{NAME}: promote_nodes matched no node: looked for {list(patterns)}")
-    return promote
 
 
 def _promoted_values(plan: Plan, promote: NameFilter) -> set[ir.Value]:

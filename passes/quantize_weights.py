@@ -59,9 +59,8 @@ import onnx_ir as ir
 from onnxopt.errors import UsageError
 from onnxopt.opset import default_opset, min_ir_version, require_opset
 from onnxopt.pass_base import Fidelity, Pass, PassResult
-from onnxopt.selectors import NameFilter, promote_field, selector_field, selector_from_options
+from onnxopt.selectors import NameFilter, promote_field, promote_filter, selector_field, selector_from_options
 
-from onnxopt.graph_walk import all_nodes
 from onnxopt.naming import Namer, name_unnamed_nodes
 
 from . import quant_math as qm
@@ -219,7 +218,7 @@ class QuantizeWeightsPass(Pass):
     def _plan(self, model: ir.Model, skipped: dict) -> list[_Group]:
         selector = selector_from_options(self.options)
         selected = None if selector.is_trivial else set(selector.select(model))
-        promote = self._promote_filter(model)
+        promote = promote_filter(model, self.options.promote_nodes, NAME)
         groups: list[_Group] = []
         for graph, value, const_node, tensor in stored_constants(model):
             reach = follow_weight(value, len(tensor.shape))
@@ -241,12 +240,6 @@ class QuantizeWeightsPass(Pass):
                         continue
                 groups.append(group)
         return groups
-
-    def _promote_filter(self, model: ir.Model) -> NameFilter:
-        promote = NameFilter(self.options.promote_nodes)
-        if promote and not any(promote.matches(node) for node in all_nodes(model)):
-            raise UsageError(f"{NAME}: promote_nodes matched no node: looked for {list(promote.patterns)}")
-        return promote
 
     def _plan_direct(self, value, graph, const_node, tensor, reach, chosen, promote) -> list[_Group] | str:
         """Groups for a weight read directly by its consumers: one, or one per use with fork_shared."""
