@@ -10,17 +10,14 @@ from __future__ import annotations
 from .cleanup import (
     EliminateCommonSubexpressionsPass,
     EliminateIdentitiesPass,
+    FoldConstantsPass,
     InferShapesPass,
+    LiftConstantsPass,
     RemoveUnusedPass,
+    RewritePatternsPass,
     SortTopologicallyPass,
 )
-from .cleanup_fold import FoldConstantsPass
-from .cleanup_lift import LiftConstantsPass
-from .cleanup_rewrite import RewritePatternsPass
-from .float16 import ConvertFloat16Pass
-from .quantize_dynamic import QuantizeDynamicPass
-from .quantize_static import QuantizeStaticPass
-from .quantize_weights import QuantizeWeightsPass
+from .quantize import ConvertFloat16Pass, QuantizeDynamicPass, QuantizeStaticPass, QuantizeWeightsPass
 
 PASSES: tuple = (
     # cleanup (lossless)

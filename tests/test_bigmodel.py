@@ -21,10 +21,10 @@ import pytest
 from onnxopt import api
 from onnxopt.model_io import load_model, save_model
 from onnxopt.model_stats import model_stats
-from onnxopt.passes import quant_math as qm
-from onnxopt.passes import quantize_weights_lazy as lazy
-from onnxopt.passes.quantize_dynamic import QuantizeDynamicPass
-from onnxopt.passes.quantize_weights import QuantizeWeightsPass
+from onnxopt.passes.quantize import math as qm
+from onnxopt.passes.quantize import weights_lazy as lazy
+from onnxopt.passes.quantize.dynamic import QuantizeDynamicPass
+from onnxopt.passes.quantize.weights import QuantizeWeightsPass
 from onnxopt.verify import structural_problems
 
 

@@ -16,7 +16,7 @@ from onnxopt.passes.cleanup import (
     RemoveUnusedPass,
     SortTopologicallyPass,
 )
-from onnxopt.passes.cleanup_fold import FoldConstantsPass
+from onnxopt.passes.cleanup.fold import FoldConstantsPass
 
 from helpers import assert_same_outputs, model_from_text, op_types, run_ort
 

@@ -9,7 +9,7 @@ import pytest
 
 import onnxopt
 from onnxopt.models import sample_feeds
-from onnxopt.passes.cleanup_lift import LiftConstantsPass
+from onnxopt.passes.cleanup.lift import LiftConstantsPass
 
 from helpers import assert_same_outputs, model_from_text, op_types
 

@@ -10,9 +10,9 @@ import pytest
 import onnxopt
 from onnxopt.models import sample_feeds
 from onnxopt.passes.cleanup import RemoveUnusedPass
-from onnxopt.passes.cleanup_fold import FoldConstantsPass
-from onnxopt.passes.cleanup_lift import LiftConstantsPass
-from onnxopt.passes.cleanup_rewrite import RULE_SETS, RewritePatternsPass
+from onnxopt.passes.cleanup.fold import FoldConstantsPass
+from onnxopt.passes.cleanup.lift import LiftConstantsPass
+from onnxopt.passes.cleanup.rewrite import RULE_SETS, RewritePatternsPass
 
 from helpers import assert_same_outputs, model_from_text, op_types
 

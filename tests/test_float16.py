@@ -14,7 +14,7 @@ from helpers import op_types, random_feeds, run_ort
 from onnx import numpy_helper
 
 from onnxopt.errors import UsageError
-from onnxopt.passes.float16 import ConvertFloat16Pass
+from onnxopt.passes.quantize.float16 import ConvertFloat16Pass
 
 NET = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[2,16] x) => (float[2,8] y) {

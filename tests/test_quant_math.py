@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 from onnx import helper
 
-from onnxopt.passes import quant_math as qm
+from onnxopt.passes.quantize import math as qm
 
 from helpers import run_ort
 

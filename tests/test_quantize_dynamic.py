@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from onnxopt import all_nodes, ort_run
 from onnxopt.errors import UsageError
 from onnxopt.models import builders, sample_feeds
-from onnxopt.passes.quantize_dynamic import QuantizeDynamicPass
+from onnxopt.passes.quantize.dynamic import QuantizeDynamicPass
 
 MATMUL = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,96] x) => (float[N,24] y) {

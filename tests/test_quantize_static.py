@@ -15,8 +15,8 @@ from onnxopt import PassContext, all_nodes, ort_run
 from onnxopt.errors import UsageError
 from onnxopt.models import builders, bundled_model_path, sample_feeds
 from onnxopt.opset import default_opset
-from onnxopt.passes.quantize_static import QuantizeStaticPass
-from onnxopt.passes.quantize_weights import QuantizeWeightsPass
+from onnxopt.passes.quantize.static import QuantizeStaticPass
+from onnxopt.passes.quantize.weights import QuantizeWeightsPass
 
 CONV = """<ir_version: 8, opset_import: ["" : OPSET]>
 g (float[N,8,6,6] x) => (float[N,16,6,6] y) {

@@ -11,7 +11,7 @@ from test_quantize_static import quantize, samples, worst_cosine
 
 from onnxopt import PassContext, all_nodes
 from onnxopt import calibration as calib
-from onnxopt.passes.quantize_static import QuantizeStaticPass
+from onnxopt.passes.quantize.static import QuantizeStaticPass
 
 CONV_TRANSPOSE = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,8,6,6] x) => (float[N,8,12,12] y) {

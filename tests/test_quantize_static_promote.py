@@ -15,7 +15,7 @@ from onnxopt import all_nodes, ort_run
 from onnxopt.errors import UsageError
 from onnxopt.models import builders, sample_feeds
 from onnxopt.opset import default_opset
-from onnxopt.passes.quantize_static import QuantizeStaticPass
+from onnxopt.passes.quantize.static import QuantizeStaticPass
 
 TWO_CONVS = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,8,6,6] x) => (float[N,16,6,6] y) {

@@ -17,9 +17,9 @@ from onnx import numpy_helper
 from onnxopt.errors import UsageError
 from onnxopt.opset import default_opset, ensure_opset
 from onnxopt.options import build_options
-from onnxopt.passes import quant_math as qm
-from onnxopt.passes import quantize_weights_lazy as lazy
-from onnxopt.passes.quantize_weights import QuantizeWeightsOptions, QuantizeWeightsPass
+from onnxopt.passes.quantize import math as qm
+from onnxopt.passes.quantize import weights_lazy as lazy
+from onnxopt.passes.quantize.weights import QuantizeWeightsOptions, QuantizeWeightsPass
 
 MLP = """<ir_version: 8, opset_import: ["" : OPSET]>
 g (float[4,64] x) => (float[4,32] y) {

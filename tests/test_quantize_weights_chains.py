@@ -17,9 +17,9 @@ from onnxopt.graph_walk import all_nodes
 from onnxopt.model_io import load_model, save_model
 from onnxopt.models import zoo
 from onnxopt.models.feeds import sample_feeds
-from onnxopt.passes import quant_math as qm
-from onnxopt.passes.quantize_weights import QuantizeWeightsPass
-from onnxopt.passes.quantize_weights_store import stored_constants
+from onnxopt.passes.quantize import math as qm
+from onnxopt.passes.quantize.weights import QuantizeWeightsPass
+from onnxopt.passes.quantize.weights_store import stored_constants
 from test_quantize_weights import quantize, with_weights
 
 # An exported LSTM, as in silero-vad: the gate rows of W (a Constant node of the outer graph) and of

@@ -1,7 +1,7 @@
 """Chunked and deferred weight quantization for quantize-weights and quantize-dynamic: peak memory follows one
 tensor, not the model.
 
-:func:`quantize_array` returns exactly what :func:`quant_math.quantize_weight` returns
+:func:`quantize_array` returns exactly what :func:`math.quantize_weight` returns
 (same ranges, scales, zero points, rounding, saturation and NaN handling) but walks the
 weight in chunks of about a million elements in float32, so its scratch memory does not
 grow with the tensor and it runs many times faster than the float64 reference.
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import onnx_ir as ir
 
-from . import quant_math as qm
+from . import math as qm
 
 # Elements per chunk: 4 MB of float32 source, a few such buffers of scratch.
 CHUNK_ELEMENTS = 1 << 20
@@ -145,7 +145,7 @@ def _channel_ranges(v3: np.ndarray, clip: float | None):
 
 def weight_params(w: np.ndarray, qtype: qm.QuantType, axis: int | None = None, block: int | None = None,
                   symmetric: bool = True, pow2: bool = False, clip: float | None = None):
-    """``(scale, zero_point, clipped)`` as :func:`quant_math.quantize_weight` computes them, chunk by chunk."""
+    """``(scale, zero_point, clipped)`` as :func:`math.quantize_weight` computes them, chunk by chunk."""
     shape = param_shape(w.shape, axis, block)
     v3 = _view3(w, axis)
     if block:
@@ -176,7 +176,7 @@ def _work_dtype(qtype: qm.QuantType) -> np.dtype:
 
 def _quantize_into(out: np.ndarray, x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None,
                    qtype: qm.QuantType, finite: bool) -> None:
-    """``out[...] = saturate(rint(x / scale) + zp)`` with NaN -> 0, in float32 (as quant_math.quantize)."""
+    """``out[...] = saturate(rint(x / scale) + zp)`` with NaN -> 0, in float32 (as math.quantize)."""
     buf = np.divide(x, scale, dtype=np.float32)
     np.rint(buf, out=buf)
     if zp is not None:
@@ -189,7 +189,7 @@ def _quantize_into(out: np.ndarray, x: np.ndarray, scale: np.ndarray, zp: np.nda
 
 def quantize_array(w: np.ndarray, qtype: qm.QuantType, axis: int | None = None, block: int | None = None,
                    symmetric: bool = True, pow2: bool = False, clip: float | None = None):
-    """``(q, scale, zero_point, clipped)``, equal to ``quant_math.quantize_weight`` but chunked in float32.
+    """``(q, scale, zero_point, clipped)``, equal to ``math.quantize_weight`` but chunked in float32.
 
     ``q`` has ``qtype.np_dtype``; scratch memory is a few chunks, plus ``q`` itself.
     """
@@ -225,7 +225,7 @@ def _quantize(w: np.ndarray, qtype: qm.QuantType, axis: int | None, block: int |
               symmetric: bool, pow2: bool, clip: float | None):
     """quantize_array with ``q`` in a working integer type (int8/uint8 up to 8 bits)."""
     if qtype.bits == 1:
-        raise ValueError("1-bit weights are packed with quant_math.pack_bits, not quantized here")
+        raise ValueError("1-bit weights are packed with math.pack_bits, not quantized here")
     w = np.asarray(w, dtype=np.float32)
     shape = param_shape(w.shape, axis, block)
     work = _work_dtype(qtype)

@@ -1,6 +1,6 @@
 """Lossless cleanup passes wrapping onnx_ir's common passes, over every graph and function.
 
-Each pass takes a snapshot before and after (``cleanup_snapshot``) so ``modified`` is exactly
+Each pass takes a snapshot before and after (``snapshot``) so ``modified`` is exactly
 "the model differs", whatever the wrapped pass says. Where an onnx_ir pass skips subgraphs or
 functions it is applied per graph; where it breaks a model it is guarded (see each class).
 """
@@ -17,7 +17,7 @@ from onnx_ir.passes.common import _c_api_utils
 
 import onnxopt
 
-from .cleanup_snapshot import Snapshot, census_delta
+from .snapshot import Snapshot, census_delta
 
 
 class _GuardedIdentityElimination(common.IdentityEliminationPass):

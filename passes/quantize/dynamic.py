@@ -16,9 +16,9 @@ handled like the main graph; function bodies are left float and counted in ``fal
 A weight (or Gemm bias) stored as external data is not read by the pass: its integer
 weight, weight scale and scaled bias become ``ir.LazyTensor``s computed from the
 memory-mapped source when the model is saved (or handed to ORT), one tensor at a time, so
-peak memory follows the largest tensor, not the model (see ``quantize_weights_lazy``). The
+peak memory follows the largest tensor, not the model (see ``weights_lazy``). The
 graph is the same as for in-memory weights, and so are the numbers: both paths quantize
-with ``quantize_weights_lazy.quantize_array``, which equals ``quant_math.quantize_weight``.
+with ``weights_lazy.quantize_array``, which equals ``math.quantize_weight``.
 A Gemm weight stored transposed ([N, K]) is quantized per row and written transposed.
 """
 
@@ -38,12 +38,12 @@ from onnxopt.opset import default_opset, ensure_opset, min_ir_version
 from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.selectors import NodeSelector, selector_field
 
-from . import quant_math as qm
+from . import math as qm
 from onnxopt.naming import Namer
 
-from . import quantize_weights_lazy as lazy
-from .qdq_placement import DEFAULT_DOMAINS, add_initializer, add_node, drop_if_unused, stored_tensor
-from .quantize_weights_store import Store
+from . import weights_lazy as lazy
+from .placement import DEFAULT_DOMAINS, add_initializer, add_node, drop_if_unused, stored_tensor
+from .weights_store import Store
 
 NAME = "quantize-dynamic"
 SUPPORTED = ("MatMul", "Gemm", "Conv")

@@ -13,7 +13,7 @@ import dataclasses
 
 import onnx_ir as ir
 
-from .qdq_placement import DEFAULT_DOMAINS, constant_array
+from .placement import DEFAULT_DOMAINS, constant_array
 
 # (op_type, input index) of the weight input of each supported consumer.
 RECURRENT = ("LSTM", "GRU", "RNN")  # W and R: [directions, gates x hidden, input or hidden]

@@ -4,7 +4,7 @@ Activations get QuantizeLinear/DequantizeLinear pairs whose ranges come from cal
 (the core's streamed statistics over the calibration samples, asked for through the pass
 context); weights become 8-bit (per output channel by default) behind DequantizeLinear;
 Conv and Gemm biases become int32 with scale ``x_scale * w_scale``. Placement follows
-:mod:`.qdq_placement`: a Conv's BatchNormalization/Mul/Add chain is folded into the Conv
+:mod:`.placement`: a Conv's BatchNormalization/Mul/Add chain is folded into the Conv
 it quantizes, and MatMul+bias on 2-D activations becomes a Gemm (QGemm in ORT). A tensor
 whose quietest calibration sample would drown in the quantization step is left float.
 Nodes already behind DequantizeLinear, and QLinear/MatMulNBits/integer ops, are left as
@@ -41,10 +41,10 @@ from onnxopt.opset import default_opset, min_ir_version, require_opset
 from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.selectors import NameFilter, promote_field, promote_filter, selector_field, selector_from_options
 
-from . import quant_math as qm
+from . import math as qm
 from onnxopt.naming import Namer
 
-from .qdq_placement import (CORE, Placer, Plan, Unit, add_initializer, add_node, bias_vector,
+from .placement import (CORE, Placer, Plan, Unit, add_initializer, add_node, bias_vector,
                             channel_affine, constant_array, drop_if_unused)
 
 NAME = "quantize-static"

@@ -29,7 +29,7 @@ from onnxscript.optimizer import _constant_folding as folding
 
 import onnxopt
 
-from .cleanup_snapshot import Snapshot, census_delta
+from .snapshot import Snapshot, census_delta
 
 
 def _is_onnx(node: ir.Node, *op_types: str) -> bool:

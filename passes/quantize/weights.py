@@ -31,8 +31,8 @@ A weight stored as external data (an initializer backed by ``ir.ExternalTensor``
 read by the pass: its quantized tensor, scale and zero point become ``ir.LazyTensor``s
 computed from the memory-mapped source when the model is saved (or handed to ORT), one
 tensor at a time, so peak memory follows the largest tensor, not the model (see
-``quantize_weights_lazy``). Other weights are quantized at once. Both paths give the same
-numbers as ``quant_math.quantize_weight``.
+``weights_lazy``). Other weights are quantized at once. Both paths give the same
+numbers as ``math.quantize_weight``.
 
 Unnamed consumer nodes (MatMul/Gemm/Conv/Gather/LSTM/GRU/RNN) get a deterministic name
 ``<op_type>_<n>`` (skipping names in use) before nodes are selected, so ``nodes`` /
@@ -63,10 +63,10 @@ from onnxopt.selectors import NameFilter, promote_field, promote_filter, selecto
 
 from onnxopt.naming import Namer, name_unnamed_nodes
 
-from . import quant_math as qm
-from . import quantize_weights_lazy as lazy
-from .quantize_weights_reach import CONSUMER_OPS, Reach, follow_weight, weight_axes
-from .quantize_weights_store import Store, stored_constants, take_back_names
+from . import math as qm
+from . import weights_lazy as lazy
+from .weights_reach import CONSUMER_OPS, Reach, follow_weight, weight_axes
+from .weights_store import Store, stored_constants, take_back_names
 
 NAME = "quantize-weights"
 

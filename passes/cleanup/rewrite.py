@@ -14,9 +14,9 @@ function. Each rule is wrapped so that a rewrite it proposes is refused (and cou
 * a matched node reads an initializer that is also a graph input (overridable at run time,
   so not a constant);
 * it returns an existing value as a new output (onnx_ir would rename that value);
-* a rule-specific guard says the rule's own check is too weak (``cleanup_rewrite_guards``).
+* a rule-specific guard says the rule's own check is too weak (``rewrite_guards``).
 
-Rules are taken from onnxscript 0.7 where it has them and from ``cleanup_rules`` where not.
+Rules are taken from onnxscript 0.7 where it has them and from ``rules`` where not.
 onnxscript's scalar-only, tolerance-matching ``x * 1`` / ``x + 0`` rules, the auto_pad
 normalization (it ignores dilations), the ConvInteger pad fusion (ConvInteger pads with
 the zero point, not 0), ``Min``/``Max`` to ``Clip`` (NaN handling) and Flatten to Reshape
@@ -40,10 +40,10 @@ from onnxscript.rewriter.rules import common as rules
 
 import onnxopt
 
-from .cleanup_fold import checks_in
-from .cleanup_rewrite_guards import GUARDS
-from .cleanup_rules import conv_bias_rules, neutral_element_rules, reshape_shape_rules
-from .cleanup_snapshot import Snapshot, census_delta
+from .fold import checks_in
+from .rewrite_guards import GUARDS
+from .rules import conv_bias_rules, neutral_element_rules, reshape_shape_rules
+from .snapshot import Snapshot, census_delta
 
 # Rule set name -> its rules, built on first use (building patterns takes a while).
 RULE_SETS: dict[str, Callable[[], list]] = {
