@@ -18,6 +18,7 @@ from .cleanup import (
     SortTopologicallyPass,
 )
 from .quantize import ConvertFloat16Pass, QuantizeDynamicPass, QuantizeStaticPass, QuantizeWeightsPass
+from .share import MergeIdenticalWeightsPass
 
 PASSES: tuple = (
     # cleanup (lossless)
@@ -34,6 +35,8 @@ PASSES: tuple = (
     QuantizeDynamicPass,
     QuantizeWeightsPass,
     ConvertFloat16Pass,
+    # share (merge-identical lossless; the others lossy)
+    MergeIdenticalWeightsPass,
 )
 
 FAMILIES: dict[str, list[str]] = {
@@ -46,6 +49,7 @@ FAMILIES: dict[str, list[str]] = {
         "remove-unused",
         "sort-topologically",
     ],
+    "share": ["merge-identical-weights"],
 }
 
 # `-p quantize:mode=M,...` picks the pass for mode M; the other options go to that pass
