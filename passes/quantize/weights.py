@@ -63,6 +63,7 @@ from onnxopt.selectors import NameFilter, promote_field, promote_filter, selecto
 
 from onnxopt.naming import Namer, name_unnamed_nodes
 
+from . import gather
 from . import math as qm
 from . import weights_lazy as lazy
 from .weights_reach import CONSUMER_OPS, Reach, follow_weight, weight_axes
@@ -88,6 +89,9 @@ class QuantizeWeightsOptions:
     min_elements: int = _opt(1024, "leave weights with fewer elements in float")
     fork_shared: bool = _opt(False, "give each consumer of a shared weight its own quantized copy")
     upgrade_opset: bool = _opt(True, "upgrade the model's opset when the chosen format needs it (else refuse)")
+    gather: Literal["contrib", "onnx", "table", "float"] = _opt(
+        "contrib", "Gather tables: dequantize only the gathered rows with ORT's GatherBlockQuantized (contrib) or "
+                   "Gather+DequantizeLinear (onnx, 8/16 bits), dequantize the whole table (table), or keep them float")
     nodes: tuple[str, ...] = selector_field("nodes")
     exclude_nodes: tuple[str, ...] = selector_field("exclude_nodes")
     ops: tuple[str, ...] = selector_field("ops")
@@ -141,6 +145,7 @@ class _Group:
     block: int | None
     drops_original: bool
     flatten: bool = False  # blocked Conv: blocks run over C/group x kernel, stored as [M, C/group*k]
+    rows: gather.Rows | None = None  # Gather tables: only the gathered rows are dequantized (gather.py)
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -152,6 +157,8 @@ class _Group:
         return self.const_node is None and isinstance(self.tensor, ir.ExternalTensor)
 
     def opset(self) -> int:
+        if self.rows is not None:
+            return self.rows.opset
         if self.bits == 1:
             return 11
         need = {2: 25, 4: 21, 8: 10, 16: 21}[self.bits]
@@ -195,6 +202,11 @@ class QuantizeWeightsPass(Pass):
         namer = Namer(model)
         for group in groups:
             self._apply(group, namer, stats)
+        rows = {n.name: g.rows.fmt for g in groups if g.rows is not None for n in g.rows.gathers}
+        if rows:
+            stats["gather_rows"] = rows
+        if any(fmt == "contrib" for fmt in rows.values()):
+            model.opset_imports.setdefault(gather.CONTRIB, 1)
         model.ir_version = max(model.ir_version, min_ir_version(default_opset(model)))
         return PassResult(model, True, stats)
 
@@ -222,7 +234,8 @@ class QuantizeWeightsPass(Pass):
         groups: list[_Group] = []
         for graph, value, const_node, tensor in stored_constants(model):
             reach = follow_weight(value, len(tensor.shape))
-            chosen = [(n, i) for n, i, _ in reach.slots if selected is None or n in selected]
+            chosen = [(n, i) for n, i, _ in reach.slots if (selected is None or n in selected)
+                      and not (self.options.gather == "float" and n.op_type == "Gather")]
             if not chosen:
                 continue
             name = value.name or "(unnamed)"
@@ -238,8 +251,19 @@ class QuantizeWeightsPass(Pass):
                     if have < group.opset():
                         skipped[name] = f"in function {graph.name} with opset {have} < {group.opset()}"
                         continue
-                groups.append(group)
+                groups.append(self._with_rows(group, skipped, name))
         return groups
+
+    def _with_rows(self, group: _Group, skipped: dict, name: str) -> _Group:
+        """The group with its row Gathers planned (gather.py), or as it was, noting why its table stays whole."""
+        opts = self.options
+        rows, why = gather.plan(opts.gather, group.uses, group.shape, group.bits, opts.granularity, opts.block_size)
+        if why:
+            skipped[f"{name} (rows)"] = f"dequantized as a whole table: {why}"
+        if rows is None:
+            return group
+        uses = [(n, i) for n, i in group.uses if n not in rows.gathers]
+        return dataclasses.replace(group, uses=uses, rows=rows, flatten=False)
 
     def _plan_direct(self, value, graph, const_node, tensor, reach, chosen, promote) -> list[_Group] | str:
         """Groups for a weight read directly by its consumers: one, or one per use with fork_shared."""
@@ -332,7 +356,9 @@ class QuantizeWeightsPass(Pass):
         base = group.value.name or "weight"
         as_nodes = group.const_node is not None or not isinstance(group.graph, ir.Graph)
         store = Store(group.graph, namer, as_nodes)
-        if group.bits == 1:
+        if group.rows is not None:
+            out = self._rows(group, base, store, namer)
+        elif group.bits == 1:
             out = self._binary(group, base, store)
         else:
             qtype = qm.QuantType(group.bits, opts.signed)
@@ -350,7 +376,8 @@ class QuantizeWeightsPass(Pass):
                 out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(group.stored_shape)
                 shape = store.const(f"{base}_shape", ir.tensor(np.array(group.shape, dtype=np.int64)))
                 out = store.op("Reshape", [out, shape], name=f"{base}_dequantized")
-        out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(group.shape)
+        if out is not None:
+            out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(group.shape)
         store.insert(group.const_node)
         for node, index in group.uses:
             node.replace_input_with(index, out)
@@ -362,6 +389,17 @@ class QuantizeWeightsPass(Pass):
                 group.graph.remove(group.const_node, safe=True)
             elif group.value.name in getattr(group.graph, "initializers", {}):
                 group.graph.initializers.pop(group.value.name)
+
+    def _rows(self, group: _Group, base: str, store: Store, namer: Namer) -> ir.Value | None:
+        """Row Gathers dequantize their rows only; other consumers (a tied projection) share the integers."""
+        opts, rows = self.options, group.rows
+        clip = opts.clip_percentile if group.bits == opts.bits else None
+        q, scale, zp = gather.tensors(group.tensor, rows, qm.QuantType(group.bits, opts.signed), opts.symmetric,
+                                      opts.pow2, clip, group.deferred)
+        q, scale = store.const(f"{base}_quantized", q), store.const(f"{base}_scale", scale)
+        zp = None if zp is None else store.const(f"{base}_zero_point", zp)
+        gather.replace_gathers(rows, q, scale, zp, namer)
+        return gather.dequantize_table(rows, q, scale, zp, store, f"{base}_dequantized") if group.uses else None
 
     def _quantized_tensors(self, group: _Group, qtype: qm.QuantType):
         """(quantized, scale, zero point, clipped count): computed now, or deferred to save time."""
