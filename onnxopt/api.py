@@ -160,15 +160,21 @@ def validate_models(reference: str | Path, candidate: str | Path, *, data: str |
 
 def diff(model_a: str | Path, model_b: str | Path, *, tensors: bool = False, data: str | Path | None = None,
          dims: dict[str, int] | None = None, samples: int | None = None, tolerance: Tolerance | None = None,
-         progress: Progress | None = None) -> dict:
-    """Structural differences; with ``tensors``, per-tensor numeric comparison and first divergence."""
-    from .diff import structural_diff, tensor_diff
+         progress: Progress | None = None, memory_budget_mb: float = 256, html: str | Path | None = None) -> dict:
+    """Structural differences; with ``tensors`` (implied by ``data``), per-tensor numeric comparison
+    and the first divergence. ``html`` also writes the self-contained page."""
+    from .diff import match_nodes, structural_diff, tensor_diff
 
     a, b = load_model(model_a), load_model(model_b)
-    result = {"structure": structural_diff(a, b)}
-    if tensors:
+    matching = match_nodes(a, b)
+    result = {"model_a": str(model_a), "model_b": str(model_b), "structure": structural_diff(a, b, matching)}
+    if tensors or data:
         feeds, _ = make_feeds(a, data, dims, samples)
-        result["tensors"] = tensor_diff(a, b, feeds, tolerance, progress)
+        result["tensors"] = tensor_diff(a, b, feeds, tolerance, progress, matching, memory_budget_mb)
+    if html:
+        from .html_report import render_diff_page, write_page
+
+        write_page(render_diff_page(result), html)
     return result
 
 

@@ -58,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     dif.add_argument("model_a")
     dif.add_argument("model_b")
     dif.add_argument("--tensors", action="store_true",
-                     help="run both and compare every same-named tensor; name the first diverging node")
+                     help="run both and compare every tensor present in both; name the first diverging node "
+                          "(implied by --data)")
     _add_data_args(dif)
-    dif.add_argument("--json", action="store_true")
+    dif.add_argument("--json", action="store_true", help="print the whole diff as JSON")
+    dif.add_argument("--html", metavar="R.html", help="also write a self-contained HTML page")
 
     lst = sub.add_parser("passes", help="list every pass with its options")
     lst.add_argument("--json", action="store_true")
@@ -155,30 +157,15 @@ def _fmt(value) -> str:
 
 
 def _diff(args) -> int:
+    from .diff import render_diff
+    from .runner import _jsonable
+
     result = api.diff(args.model_a, args.model_b, tensors=args.tensors, data=args.data, dims=parse_dims(args.dim),
-                      samples=args.samples, tolerance=Tolerance(args.rtol, args.atol))
+                      samples=args.samples, tolerance=Tolerance(args.rtol, args.atol), html=args.html)
     if args.json:
-        print(json.dumps(result, indent=2, default=str))
-        return 0
-    s = result["structure"]
-    print(f"nodes {s['nodes'][0]} -> {s['nodes'][1]}, weights {s['initializer_bytes'][0]:,} -> {s['initializer_bytes'][1]:,} bytes")
-    if s["op_delta"]:
-        print("ops: " + ", ".join(f"{op} {n:+d}" for op, n in s["op_delta"].items()))
-    for key in ("opsets", "inputs_changed", "outputs_changed"):
-        if s[key]:
-            print(f"{key.replace('_', ' ')}: {s[key]}")
-    for key in ("initializers_removed", "initializers_added", "initializers_changed", "nodes_removed", "nodes_added"):
-        if s[key]:
-            print(f"{key.replace('_', ' ')} ({len(s[key])}): {', '.join(s[key][:10])}{' ...' if len(s[key]) > 10 else ''}")
-    if "tensors" in result:
-        t = result["tensors"]
-        first = t["first_divergence"]
-        print(f"tensors compared: {t['compared']}")
-        if first:
-            print(f"first divergence: '{first['tensor']}' from {first['op']} node '{first['node']}' "
-                  f"(max_abs {first['max_abs']:.3g}, cosine {first['cosine']:.6f})")
-        else:
-            print("no tensor diverges beyond tolerance")
+        print(json.dumps(_jsonable(result), indent=2, default=str))
+    else:
+        render_diff(result)
     return 0
 
 
