@@ -89,9 +89,11 @@ def optimize(
     tolerance: Tolerance | None = None,
     progress: Progress | None = None,
     registry: Registry | None = None,
+    html: str | Path | None = None,
 ) -> OptimizeResult:
     """Load, run the pipeline with validation, write the output (when the run is ok or
-    ``keep_going``) and the report. Usage errors surface before the model is read."""
+    ``keep_going``) and the report. Usage errors surface before the model is read. ``html``
+    also writes the page, with each model's latency and the per-tensor error of the result."""
     specs = resolve_specs(passes, recipe, registry)
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     if validate not in ("each", "end", "off"):
@@ -107,8 +109,15 @@ def optimize(
     config = RunConfig(validate=validate, budget=budget, tolerance=tolerance or Tolerance(), keep_going=keep_going,
                        bisect_limit=bisect_limit, dump_dir=Path(dump_dir) if dump_dir else None,
                        reproducer_dir=Path(reproducer_dir) if reproducer_dir else None)
+    instruments, original = [], None
+    if html:
+        from .latency import LatencyInstrument
+        from .snapshot import snapshot
+
+        original = snapshot(model)
+        instruments.append(LatencyInstrument(feeds[0]))
     with _hint_on_generated_inputs(not data):
-        run = Runner(specs, config, registry=registry, progress=progress).run(model, feeds, calibration_feeds)
+        run = Runner(specs, config, instruments, registry=registry, progress=progress).run(model, feeds, calibration_feeds)
     written = None
     final_failed = run.final is not None and bool(run.final.error or run.final.breaches)
     if output is not None and not run.crash and run.model_trusted and not run.structure_problems \
@@ -120,7 +129,22 @@ def optimize(
                             inputs=inputs, budget=budget.text(), validate=validate, data_source=source)
     if report:
         write_report(document, report)
+    if html:
+        _write_optimize_page(document, html, original, run.model, feeds, instruments[0], tolerance, progress)
     return OptimizeResult(ok=run.ok, report=document, model=run.model, run=run, output=written)
+
+
+def _write_optimize_page(document, path, original, final, feeds, latency, tolerance, progress) -> None:
+    from .diff import tensor_diff
+    from .html_report import render_optimize_page, write_page
+    from .runner import _jsonable
+
+    page = dict(document, latency=latency.summary())
+    try:
+        page["tensors"] = _jsonable(tensor_diff(original, final, feeds[:4], tolerance, progress))
+    except Exception as exc:  # noqa: BLE001 - the page is debug output: say why the plot is missing
+        page["notes"] = [*document.get("notes", []), f"per-tensor comparison unavailable: {type(exc).__name__}: {exc}"]
+    write_page(render_optimize_page(page), path)
 
 
 @contextlib.contextmanager

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--validate", choices=("each", "end", "off"), default="each",
                      help="check outputs after each pass (default), once at the end, or never")
     opt.add_argument("--report", help="write the JSON report here")
+    opt.add_argument("--html", metavar="R.html", help="also write a self-contained HTML page (measures each "
+                     "model's latency and compares every tensor of the result with the input model)")
     opt.add_argument("--keep-going", action="store_true", help="continue after a rolled-back pass; exit 0")
     opt.add_argument("--bisect-limit", type=int, metavar="N", help="run only the first N passes")
     opt.add_argument("--dump-dir", help="write the model after each pass as NNN_name.onnx")
@@ -108,7 +110,7 @@ def _optimize(args) -> int:
             budget=args.budget, validate=args.validate, dims=parse_dims(args.dim), samples=args.samples,
             keep_going=args.keep_going, bisect_limit=args.bisect_limit, dump_dir=args.dump_dir, report=args.report,
             in_place=args.in_place, reproducer_dir=args.reproducer_dir,
-            tolerance=Tolerance(args.rtol, args.atol), progress=progress,
+            tolerance=Tolerance(args.rtol, args.atol), progress=progress, html=args.html,
         )
     finally:
         progress.close()

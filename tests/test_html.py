@@ -1,0 +1,95 @@
+"""HTML pages for optimize, diff and split: escaped, self-contained, and rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxopt import api
+from onnxopt.cli import main
+from onnxopt.html_report import render_diff_page
+from onnxopt.models import builders
+
+HOSTILE = '<script>alert("x")</script>&'
+
+
+def _browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _render(path) -> tuple[str, str]:
+    """The DOM after scripts ran, and the browser's log (console messages appear as CONSOLE lines)."""
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no headless browser: install Debian's chromium (apt-get install -y chromium) to render the page")
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=2000", "--dump-dom",
+                           path.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, proc.stderr
+
+
+def _assert_clean(dom: str, log: str, charts: int) -> None:
+    assert 'data-ready="1"' in dom, "the page's script did not finish"
+    assert not re.search(r'<html[^>]*data-errors=', dom), re.search(r'<html[^>]*>', dom).group(0)
+    console = [line for line in log.splitlines() if ":CONSOLE" in line]
+    assert not console, console
+    found = int(re.search(r'data-charts="(\d+)"', dom).group(1))
+    assert found >= charts and dom.count('<svg class="chart"') == found
+    assert "http://" not in dom.replace("http://www.w3.org/2000/svg", "") and "https://" not in dom
+
+
+def _perturbed_pair(tmp_path, hostile_name: bool = False):
+    model = builders.build_mlp()
+    if hostile_name:
+        model.graph.node[0].name = HOSTILE
+    a = tmp_path / "a.onnx"
+    onnx.save(model, a)
+    weight = next(t for t in model.graph.initializer if t.name == "fc2_weight")
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.1, "fc2_weight"))
+    b = tmp_path / "b.onnx"
+    onnx.save(model, b)
+    return a, b
+
+
+def test_model_strings_are_escaped(tmp_path):
+    a, b = _perturbed_pair(tmp_path, hostile_name=True)
+    text = render_diff_page(api.diff(a, b, tensors=True))
+    assert HOSTILE not in text and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in text
+    assert text.count("<script>") == 1  # the page's own
+
+
+def test_diff_page_renders_in_a_browser(tmp_path, capsys):
+    a, b = _perturbed_pair(tmp_path, hostile_name=True)
+    page = tmp_path / "diff.html"
+    assert main(["diff", str(a), str(b), "--tensors", "--html", str(page)]) == 0
+    dom, log = _render(page)
+    _assert_clean(dom, log, charts=2)
+    assert 'id="tensor-snr"' in dom and 'id="first-divergence"' in dom and "First divergence" in dom
+    assert '<circle class="point' in dom and 'class="highlight"' in dom
+    assert "<script>alert" not in dom
+
+
+def test_optimize_page_renders_with_fallback_trials(tmp_path):
+    source = tmp_path / "mlp.onnx"
+    onnx.save(builders.build_mlp(), source)
+    page = tmp_path / "optimize.html"
+    code = main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "-p", "cleanup",
+                 "-p", "quantize-weights:bits=2", "--budget", "cosine=0.995", "--quiet", "--html", str(page)])
+    assert code in (0, 1)
+    text = page.read_text()
+    assert "Fallback trials" in text  # 2-bit weights break the budget: mixed precision runs trials
+    dom, log = _render(page)
+    _assert_clean(dom, log, charts=6)
+    for chart in ("size-chart", "nodes-chart", "latency-chart", "time-chart", "fidelity-chart", "tensor-snr"):
+        assert f'id="{chart}"' in dom, chart
+    assert '<rect class="bar"' in dom and 'id="pass-table"' in dom
