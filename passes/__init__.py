@@ -17,6 +17,7 @@ from .cleanup import (
     RewritePatternsPass,
     SortTopologicallyPass,
 )
+from .prune import PruneChannelsPass
 from .quantize import ConvertFloat16Pass, QuantizeDynamicPass, QuantizeStaticPass, QuantizeWeightsPass
 from .share import MergeIdenticalWeightsPass
 
@@ -35,6 +36,8 @@ PASSES: tuple = (
     QuantizeDynamicPass,
     QuantizeWeightsPass,
     ConvertFloat16Pass,
+    # prune (lossy; lossless with lossless=true)
+    PruneChannelsPass,
     # share (merge-identical lossless; the others lossy)
     MergeIdenticalWeightsPass,
 )
@@ -48,6 +51,9 @@ FAMILIES: dict[str, list[str]] = {
         "eliminate-common-subexpressions",
         "remove-unused",
         "sort-topologically",
+    ],
+    "prune": [
+        "prune-channels",
     ],
     "share": ["merge-identical-weights"],
 }
