@@ -19,7 +19,9 @@ from .progress import Progress
 from .registry import Registry
 from .report import build_report, write_report
 from .runner import RunConfig, Runner, RunResult
-from .spec import PassSpec, parse_pipeline, parse_recipe
+from .spec import PassSpec, parse_pipeline, parse_recipe, recipe_settings
+from .target import Target
+from .target import resolve as resolve_target
 from .validation import Comparison, Validator
 
 
@@ -90,11 +92,20 @@ def optimize(
     progress: Progress | None = None,
     registry: Registry | None = None,
     html: str | Path | None = None,
+    target: str | Target | None = None,
+    threads: int | None = None,
 ) -> OptimizeResult:
     """Load, run the pipeline with validation, write the output (when the run is ok or
     ``keep_going``) and the report. Usage errors surface before the model is read. ``html``
-    also writes the page, with each model's latency and the per-tensor error of the result."""
+    also writes the page, with each model's latency and the per-tensor error of the result.
+
+    ``target`` is the CPU the model is for: ``auto`` (this machine, the default), a name from
+    ``onnxopt.target.TARGETS`` or a Target; a recipe's ``target:`` applies when none is given.
+    ``threads``: the intra-op threads it will run with (speed measurements; default 1)."""
     specs = resolve_specs(passes, recipe, registry)
+    settings = recipe_settings(recipe) if recipe else {}
+    target = resolve_target(target if target is not None else settings.get("target", "auto"),
+                            threads if threads is not None else settings.get("threads"))
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     if validate not in ("each", "end", "off"):
         raise UsageError(f"--validate must be each, end or off, not '{validate}'")
@@ -108,7 +119,7 @@ def optimize(
         source = f"calibration {source}; evaluation {eval_source}"
     config = RunConfig(validate=validate, budget=budget, tolerance=tolerance or Tolerance(), keep_going=keep_going,
                        bisect_limit=bisect_limit, dump_dir=Path(dump_dir) if dump_dir else None,
-                       reproducer_dir=Path(reproducer_dir) if reproducer_dir else None)
+                       reproducer_dir=Path(reproducer_dir) if reproducer_dir else None, target=target)
     instruments, original = [], None
     if html:
         from .latency import LatencyInstrument

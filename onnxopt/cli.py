@@ -10,6 +10,7 @@ from . import api
 from .errors import OnnxoptError, UsageError
 from .feeds import parse_dims
 from .metrics import Tolerance
+from .target import TARGETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--reproducer-dir", help="where to write a crash reproducer (default ./onnxopt-crash-TIME)")
     opt.add_argument("--in-place", action="store_true", help="allow -o to be the input model itself")
     opt.add_argument("--quiet", action="store_true", help="no table or progress on the terminal")
+    opt.add_argument("--target", help="the CPU the model is for: auto (this machine, default) or one of "
+                     + ", ".join(TARGETS) + "; quantize passes take their kernel choices from it")
+    opt.add_argument("--threads", type=int, help="intra-op threads the model will run with (speed checks; default 1)")
 
     val = sub.add_parser("validate", help="compare two models' outputs in ONNX Runtime")
     val.add_argument("reference")
@@ -111,6 +115,7 @@ def _optimize(args) -> int:
             keep_going=args.keep_going, bisect_limit=args.bisect_limit, dump_dir=args.dump_dir, report=args.report,
             in_place=args.in_place, reproducer_dir=args.reproducer_dir,
             tolerance=Tolerance(args.rtol, args.atol), progress=progress, html=args.html,
+            target=args.target, threads=args.threads,
         )
     finally:
         progress.close()

@@ -13,6 +13,9 @@ from .errors import UsageError
 FLOORS = {"cosine", "snr_db", "agreement", "sequence_agreement"}
 CEILINGS = {"max_abs", "max_rel"}
 METRICS = ("max_abs", "max_rel", "cosine", "snr_db", "agreement", "sequence_agreement")
+# Keys about the whole model rather than one output (checked by the runner, not by breaches()):
+# ``speedup``, the floor on float latency / candidate latency (onnxopt/speed.py).
+MODEL_KEYS = ("speedup",)
 
 
 def _as_float(a: np.ndarray) -> np.ndarray:
@@ -206,8 +209,9 @@ class Budget:
         for part in text.split(","):
             key, eq, value = part.partition("=")
             key = key.strip()
-            if not eq or key not in METRICS:
-                raise UsageError(f"bad budget '{part}': expected METRIC=VALUE with METRIC one of {', '.join(METRICS)}")
+            if not eq or key not in METRICS + MODEL_KEYS:
+                raise UsageError(f"bad budget '{part}': expected METRIC=VALUE with METRIC one of "
+                                 f"{', '.join(METRICS + MODEL_KEYS)}")
             try:
                 limits.append((key, float(value)))
             except ValueError:
@@ -219,6 +223,10 @@ class Budget:
 
     def text(self) -> str:
         return ",".join(f"{k}={v:g}" for k, v in self.limits)
+
+    def value(self, key: str) -> float | None:
+        """The limit set for ``key`` (e.g. ``speedup``), or None."""
+        return next((v for k, v in self.limits if k == key), None)
 
     def breaches(self, per_output: dict[str, dict[str, float | None]]) -> list[str]:
         """One message per (output, metric) outside the budget."""

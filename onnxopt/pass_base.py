@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from .options import NoOptions
+from .target import GENERIC, apply_defaults
 
 
 class Fidelity(str, enum.Enum):
@@ -26,15 +27,18 @@ class PassResult(ir.passes.PassResult):
 
 
 class PassContext:
-    """What the runner hands to a pass: calibration feeds and cached analyses.
+    """What the runner hands to a pass: calibration feeds, cached analyses and the target CPU.
 
     Passes ask the context for analyses instead of recomputing them; the runner
-    invalidates the cache whenever a pass reports that it modified the model.
+    invalidates the cache whenever a pass reports that it modified the model. ``target``
+    (:class:`onnxopt.target.Target`) is the CPU whose kernels the model is for; without one,
+    passes assume ``generic`` (choices exact on every ORT CPU kernel).
     """
 
-    def __init__(self, feeds: list[dict[str, Any]] | None = None, progress: Any = None):
+    def __init__(self, feeds: list[dict[str, Any]] | None = None, progress: Any = None, target: Any = None):
         self.feeds = feeds or []
         self.progress = progress
+        self.target = target
         self._analyses: dict[Any, Any] = {}
 
     def analysis(self, key: Any, compute):
@@ -59,12 +63,34 @@ class Pass(ir.passes.InPlacePass):
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     fidelity_of: ClassVar[Fidelity] = Fidelity.LOSSLESS
+    # The runner measures this pass's speed-up in ORT after every change (onnxopt/speed.py).
+    measures_speed: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, context: PassContext | None = None, **kwargs: Any):
         if options is not None and kwargs:
             raise TypeError("pass either an options object or keyword options, not both")
         self.options = options if options is not None else self.Options(**kwargs)
         self.context = context if context is not None else PassContext()
+        # Options left unset (``auto``/None) that the target decides: resolved here, so that
+        # ``self.options`` are the options the pass runs with; ``kernel_choices`` says why.
+        self.kernel_choices: dict[str, str] = {}
+        defaults = self.target_defaults(self.target)
+        if defaults:
+            self.options, self.kernel_choices = apply_defaults(self.options, defaults, self.target)
+
+    @property
+    def target(self):
+        """The context's target CPU, ``generic`` when the runner gave none."""
+        return self.context.target or GENERIC
+
+    def target_defaults(self, target) -> dict[str, tuple[Any, str]]:
+        """Option name -> (value, why) for options this pass lets the target decide; {} by default."""
+        return {}
+
+    def speed_ladder(self) -> list[tuple[dict, str]]:
+        """(option changes, label) placements to try, in order, when the result is too slow:
+        each keeps more of ORT's float fusions. [] by default."""
+        return []
 
     @property
     def fidelity(self) -> Fidelity:

@@ -29,6 +29,7 @@ def build_report(result: RunResult, *, model_path: str | None, output_path: str 
         "pipeline": result.pipeline,
         "validate": validate,
         "budget": budget,
+        "target": result.target,
         "inputs": {"source": data_source, "feeds": inputs.get("count"), "signature": inputs.get("signature")},
         "ok": result.ok,
         "crash": result.crash,
@@ -100,10 +101,18 @@ def render_table(report: dict, console=None) -> None:
         status = step["status"] if step["modified"] or step["status"] != "ok" else "ok (no change)"
         table.add_row(str(step["index"]), step["spec"], f"[{style}]{status}[/{style}]", f"{step['seconds']:.2f}s",
                       nodes, weights, _fmt_metric(step.get("fidelity_metrics")))
+        if step.get("kernel_choices") and step["status"] == "ok" and step["modified"]:
+            reasons.append(f"#{step['index']} {step['name']}: " + ", ".join(
+                f"{k}={v}" for k, v in step["kernel_choices"].items()))
+        if step.get("speed") and step["status"] == "ok":
+            reasons.append(f"#{step['index']} {step['name']}: {_speed_summary(step['speed'])}")
         if step.get("reason") and step["status"] != "skipped":
             reasons.append(f"#{step['index']} {step['name']}: {step['reason']}")
         elif step.get("fallback") and step["status"] == "ok":
             reasons.append(f"#{step['index']} {step['name']}: {_fallback_summary(step['fallback'])}")
+    target = report.get("target")
+    if target:
+        console.print(f"target: {_target_line(target)}", markup=False)
     console.print(table)
     for reason in reasons:
         console.print(reason, markup=False)
@@ -113,6 +122,26 @@ def render_table(report: dict, console=None) -> None:
                       f"{_fmt_metric(final.get('metrics'))}")
     for note in report.get("notes", []):
         console.print(f"note: {note}", markup=False)
+
+
+def _speed_summary(speed: dict) -> str:
+    """``1.42x the speed of the model before it (ORT, 1 thread)``, with the placement the search took."""
+    threads = speed.get("threads", 1)
+    text = f"{_num(speed['speedup'], 0.0):.2f}x the speed of the model before it (ORT, {threads} thread" \
+           f"{'s' if threads != 1 else ''})"
+    if speed.get("placement"):
+        text += f" with {speed['placement']} (first placement {_num(speed.get('first_speedup'), 0.0):.2f}x)"
+    if speed.get("slower_than_reference"):
+        text += ": SLOWER than before"
+    return text
+
+
+def _target_line(target: dict) -> str:
+    """``avx512-vnni (auto: AMD EPYC; avx2 avx512_vnni), 1 thread``."""
+    how = target.get("chosen_by", "")
+    detail = "; ".join(p for p in (target.get("cpu"), " ".join(target.get("flags") or ())) if p)
+    threads = target.get("threads", 1)
+    return f"{target['name']} ({how}{': ' + detail if detail else ''}), {threads} thread{'s' if threads != 1 else ''}"
 
 
 def _fallback_summary(fallback: dict) -> str:

@@ -13,7 +13,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -28,6 +28,7 @@ from .registry import Registry, default_registry
 from .reproducer import write_reproducer
 from .snapshot import snapshot as take_snapshot
 from .spec import PassSpec, pipeline_text
+from .target import Target
 from .validation import Comparison, Validator
 from .verify import structural_problems
 
@@ -52,6 +53,8 @@ class StepReport:
     reason: str | None = None
     fallback: dict | None = None
     tensor_sqnr: list | None = None
+    kernel_choices: dict | None = None  # option -> "value (target NAME: why)" for target-decided options
+    speed: dict | None = None  # measured speed-up against the model before the pass (onnxopt/speed.py)
 
 
 @dataclass
@@ -66,6 +69,8 @@ class RunConfig:
     verify_structure: bool = True
     mixed_precision: bool = True
     sqnr_top: int = 10
+    target: Target | None = None  # the CPU the model is for (None: generic); passes read it from their context
+    speed_timer: Any = None  # latencies(models, feed) -> ms; None: ORT, the target's threads (speed.OrtTimer)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class RunResult:
     structure_problems: list[str] = field(default_factory=list)
     # False when a step failed with no snapshot to roll back to: the model must not be written.
     model_trusted: bool = True
+    target: dict | None = None  # the target CPU and how it was chosen (Target.describe())
 
     @property
     def ok(self) -> bool:
@@ -131,7 +137,8 @@ class Runner:
     def run(self, model: ir.Model, feeds: list[dict[str, np.ndarray]],
             calibration_feeds: list[dict[str, np.ndarray]] | None = None) -> RunResult:
         config = self.config
-        result = RunResult(model=model, steps=[], pipeline=pipeline_text(self.specs))
+        result = RunResult(model=model, steps=[], pipeline=pipeline_text(self.specs),
+                           target=config.target.describe() if config.target is not None else None)
         validator = None
         # Checking each step needs a snapshot per step to roll back to; with --validate end
         # or off, the original is kept once and checks run after the last pass.
@@ -141,7 +148,8 @@ class Runner:
         baseline_problems = set(structural_problems(model)) if config.verify_structure else set()
         if baseline_problems:
             result.notes.append(f"the input model already fails structural checks: {sorted(baseline_problems)[0]}")
-        context = PassContext(calibration_feeds if calibration_feeds is not None else feeds, self.progress)
+        context = PassContext(calibration_feeds if calibration_feeds is not None else feeds, self.progress,
+                              target=config.target)
         limit = len(self.specs) if config.bisect_limit is None else max(0, config.bisect_limit)
         stopped = False
         pipeline_task = self.progress.add("pipeline", len(self.specs))
@@ -175,7 +183,7 @@ class Runner:
         pass_ = spec.make_pass(self.registry, context)
         options = {k: (format_value(v) if isinstance(v, tuple) else v) for k, v in non_default_items(spec.options)}
         return StepReport(index=index, name=spec.name, spec=spec.text(), options=options,
-                          fidelity=pass_.fidelity.value)
+                          fidelity=pass_.fidelity.value, kernel_choices=pass_.kernel_choices or None)
 
     def _run_step(self, model, spec, step, context, validator, baseline_problems, result):
         """Run one step; returns the model to continue with and whether to stop."""
@@ -224,6 +232,8 @@ class Runner:
         if reason and reason.startswith("budget exceeded") and self._can_fall_back(pass_, pass_result.stats):
             model, reason = self._fall_back(spec, pass_, snapshot, model, pass_result.stats, step, context,
                                             validator, reason)
+        if not reason and step.modified and self._measures_speed(pass_, snapshot):
+            model, reason = self._check_speed(spec, pass_, snapshot, model, step, context, validator, result)
         if reason:
             return self._fail(step, snapshot, "rolled_back" if pass_.fidelity == Fidelity.LOSSY else "failed",
                               reason, result, model)
@@ -291,6 +301,34 @@ class Runner:
         step.op_delta = op_delta(model_stats(snapshot), model_stats(outcome.model))
         step.fidelity_metrics = _jsonable(outcome.comparison.metrics)
         return outcome.model, None
+
+    def _measures_speed(self, pass_, snapshot) -> bool:
+        if snapshot is None or self.config.validate != "each" or pass_.fidelity != Fidelity.LOSSY:
+            return False
+        return pass_.measures_speed or self.config.budget.value("speedup") is not None
+
+    def _check_speed(self, spec, pass_, snapshot, model, step, context, validator, result):
+        """Measure the step's speed-up; too slow: try the pass's faster placements (speed.py)."""
+        from . import speed
+
+        target = self.config.target
+        threads = target.threads if target is not None else 1
+        timer = self.config.speed_timer or speed.OrtTimer(threads=threads)
+        cls = type(pass_)
+        options = speed.accepted_options(pass_.options, step.fallback)
+        outcome = speed.check(spec.name, lambda o: cls(o, context=context), options, pass_.speed_ladder(),
+                              snapshot, model, validator, self.config.budget, timer,
+                              self.config.budget.value("speedup"), threads)
+        step.speed = _jsonable(outcome.report)
+        if outcome.note:
+            result.notes.append(outcome.note)
+        if outcome.model is not None:
+            step.stats = _jsonable(outcome.stats)
+            step.after = model_stats(outcome.model).as_dict()
+            step.op_delta = op_delta(model_stats(snapshot), model_stats(outcome.model))
+            step.fidelity_metrics = _jsonable(outcome.metrics)
+            model = outcome.model
+        return model, outcome.reason
 
     def _worst_tensors(self, reference, model, validator) -> list | None:
         """Per-tensor SQNR of the rewritten model against the float one, worst first."""

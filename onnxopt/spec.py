@@ -119,6 +119,9 @@ def parse_recipe(path: str | Path, registry: Registry | None = None) -> list[Pas
         raise InputError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
     data = _load_recipe_text(text, path)
     if isinstance(data, dict) and "pipeline" in data:
+        extra = set(data) - {"pipeline", *RECIPE_SETTINGS}
+        if extra:
+            raise UsageError(f"recipe {path}: unknown keys {sorted(extra)}; valid: pipeline, {', '.join(RECIPE_SETTINGS)}")
         data = data["pipeline"]
     if not isinstance(data, list):
         raise UsageError(f"recipe {path}: expected a list of {{pass, options}} entries")
@@ -135,6 +138,22 @@ def parse_recipe(path: str | Path, registry: Registry | None = None) -> list[Pas
             raise UsageError(f"recipe {path} entry {index}: expected {{pass: NAME, options: {{...}}}}")
         specs.extend(resolve_step(name, raw, registry))
     return specs
+
+
+# Run settings a recipe of the form {pipeline: [...], ...} may carry besides its passes.
+RECIPE_SETTINGS = ("target", "threads")
+
+
+def recipe_settings(path: str | Path) -> dict[str, Any]:
+    """``target``/``threads`` of a ``{pipeline: [...], target: NAME}`` recipe ({} for a plain list)."""
+    path = Path(path)
+    try:
+        data = _load_recipe_text(path.read_text(encoding="utf-8"), path)
+    except OSError as exc:
+        raise InputError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        return {}
+    return {key: data[key] for key in RECIPE_SETTINGS if data.get(key) is not None}
 
 
 def _load_recipe_text(text: str, path: Path) -> Any:

@@ -6,8 +6,9 @@
     y = Cast(MatMulInteger(xq, Wq, x_zero), float) * (x_scale * w_scale)   [+ C]
 
 which ONNX Runtime (level 2 optimizations) fuses into its DynamicQuantizeMatMul /
-MatMulIntegerToFloat kernels, and which any ONNX runtime can execute. ``W`` is int8,
-symmetric, per output column by default; one DynamicQuantizeLinear serves every
+MatMulIntegerToFloat kernels, and which any ONNX runtime can execute. ``W`` is 8-bit,
+symmetric, per output column by default: int8 where the target's u8s8 kernels accumulate in
+int32 (VNNI, AMX, ARM), uint8 where they saturate (x86 without VNNI; see onnxopt/target.py); one DynamicQuantizeLinear serves every
 quantized consumer of the same activation. Conv (ConvInteger, uint8 weights, per tensor:
 all ORT's CPU kernel takes) is opt-in through ``ops``: measured slower than float on ORT
 CPU. Weights are quantized once however many nodes share them. If/Loop/Scan bodies are
@@ -56,9 +57,12 @@ def _opt(default, help_text):
 @dataclasses.dataclass(frozen=True)
 class QuantizeDynamicOptions:
     ops: tuple[str, ...] = _opt(("MatMul", "Gemm"), "op types to quantize: MatMul, Gemm, Conv (ConvInteger)")
-    weight_type: Literal["int8", "uint8"] = _opt(
-        "uint8", "integer type of MatMul/Gemm weights (Conv: always uint8); int8 is faster on ORT CPU but its "
-        "u8s8 kernels saturate on x86 without VNNI")
+    weight_type: Literal["auto", "int8", "uint8"] = _opt(
+        "auto", "integer type of MatMul/Gemm weights (Conv: always uint8); auto: the target's, int8 where u8s8 "
+        "accumulates in int32 (VNNI, AMX, ARM), uint8 where u8s8 saturates (x86 without VNNI: u8u8 is exact)")
+    reduce_range: bool | None = _opt(
+        None, "7-bit int8 weights (|q| <= 64), so u8s8 pair sums stay inside int16; none: the target's choice "
+              "(true only for int8 weights on a target whose u8s8 kernels saturate)")
     per_channel: bool = _opt(True, "one weight scale per output column instead of per tensor")
     min_reduction: int = _opt(64, "leave float a node with fewer multiply-adds per output (K, or Cin*kh*kw)")
     pow2: bool = _opt(False, "power-of-two weight scales (2^-n); activation scales are computed at run time")
@@ -79,6 +83,14 @@ class QuantizeDynamicPass(Pass):
     name = NAME
     Options = QuantizeDynamicOptions
     fidelity_of = Fidelity.LOSSY
+    measures_speed = True
+
+    def target_defaults(self, target) -> dict:
+        return target.dynamic_defaults(self.options.weight_type)
+
+    def speed_ladder(self) -> list[tuple[dict, str]]:
+        """Only the larger products: run-time quantization of a small one costs more than it saves."""
+        return [({"min_reduction": k}, f"min_reduction={k}") for k in (256, 1024) if k > self.options.min_reduction]
 
     def call(self, model: ir.Model) -> PassResult:
         stats = {"nodes_quantized": 0, "weights_quantized": 0, "ops_quantized": {}, "fallbacks": {}}
@@ -181,7 +193,9 @@ class QuantizeDynamicPass(Pass):
         source = node.inputs[1]
         key = (source, f"{node.op_type}:{axis}:{qtype.name}:{_transposed(node)}")
         if key not in weights:
-            quantizer = _WeightQuantizer(stored_tensor(source), qtype, axis, _transposed(node), self.options.pow2)
+            reduce = bool(self.options.reduce_range) and qtype.signed
+            quantizer = _WeightQuantizer(stored_tensor(source), qtype, axis, _transposed(node), self.options.pow2,
+                                         reduce)
             producer = source.producer()
             owner = producer.graph if producer is not None else (source.graph or graph)
             base = source.name or "weight"
@@ -254,18 +268,28 @@ class _WeightQuantizer:
     """
 
     def __init__(self, tensor: ir.TensorProtocol, qtype: qm.QuantType, axis: int | None, transposed: bool,
-                 pow2: bool):
+                 pow2: bool, reduce_range: bool = False):
         self.source = lazy.WeightSource(tensor)
+        self.reduce_range = reduce_range  # twice the scale: |q| <= 64
         self.defer = isinstance(tensor, ir.ExternalTensor)  # in memory: quantized at once
         self.shape = _shape(tensor)
         self.qtype, self.transposed = qtype, transposed
         stored_axis = 1 - axis if transposed and axis is not None else axis
         self.args = (qtype, stored_axis, None, True, pow2)  # symmetric, no blocks, no clipping
         self.param_shape = lazy.param_shape(self.shape, stored_axis, None)
+        self.stored_axis = stored_axis
+
+    def _scale(self, w: np.ndarray) -> np.ndarray:
+        scale = lazy.weight_params(w, *self.args)[0]
+        return scale * np.float32(2) if self.reduce_range else scale
 
     def quantized(self) -> ir.TensorProtocol:
         def compute(w: np.ndarray) -> np.ndarray:
-            q = lazy.quantize_array(w, *self.args)[0]
+            if self.reduce_range:
+                zero = np.zeros(self.param_shape, self.qtype.np_dtype)
+                q = qm.quantize(w, self._scale(w), zero, self.qtype, self.stored_axis)
+            else:
+                q = lazy.quantize_array(w, *self.args)[0]
             return np.ascontiguousarray(q.T) if self.transposed else q
 
         shape = self.shape[::-1] if self.transposed else self.shape
@@ -274,7 +298,7 @@ class _WeightQuantizer:
     def scale(self, multiplier: float) -> ir.TensorProtocol:
         """The weight scale times ``multiplier`` (Gemm's alpha), in float32."""
         def compute(w: np.ndarray) -> np.ndarray:
-            return np.asarray(lazy.weight_params(w, *self.args)[0] * np.float32(multiplier), dtype=np.float32)
+            return np.asarray(self._scale(w) * np.float32(multiplier), dtype=np.float32)
 
         return lazy.payload(self.source, compute, ir.DataType.FLOAT, self.param_shape, self.defer)
 

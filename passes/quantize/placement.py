@@ -143,9 +143,10 @@ class Placer:
 
     def __init__(self, graph: ir.Graph, problem: Callable[[ir.Value], str | None],
                  selected: Callable[[ir.Node], bool], placement: str, absorb: bool, min_reduction: int = 0,
-                 rank: Callable[[ir.Value], int | None] = lambda v: None):
+                 rank: Callable[[ir.Value], int | None] = lambda v: None, min_island: int = 1):
         self.graph, self.problem, self.selected, self.rank = graph, problem, selected, rank
         self.placement, self.absorb, self.min_reduction = placement, absorb, min_reduction
+        self.min_island = min_island
         self.fallbacks: collections.Counter = collections.Counter()
 
     def observed(self, value: ir.Value) -> bool:
@@ -283,7 +284,28 @@ class Placer:
         for node, unit in keep.items():
             unit.quantize_output = True
             units[node] = unit
+        if self.min_island > 1:
+            units = self._drop_small_islands(units)
         return self._groups(units)
+
+    def _drop_small_islands(self, units: dict[ir.Node, Unit]) -> dict[ir.Node, Unit]:
+        """Leave float every island (units joined by the quantized tensors they share) with fewer
+        than ``min_island`` weighted units: a lone quantized op between float ops pays for its
+        Q/DQ and breaks the float fusions ORT would otherwise make around it."""
+        uf = _UnionFind()
+        for unit in units.values():
+            values = [unit.node.inputs[i] for i in unit.inputs] + ([unit.output] if unit.quantize_output else [])
+            for value in values[1:]:
+                uf.union(values[0], value)
+        weighted: collections.Counter = collections.Counter(
+            uf.find(unit.node.inputs[unit.inputs[0]]) for unit in units.values() if unit.weighted)
+        kept = {}
+        for node, unit in units.items():
+            if weighted[uf.find(unit.node.inputs[unit.inputs[0]])] >= self.min_island:
+                kept[node] = unit
+            elif unit.weighted:
+                self.fallbacks["island_below_min"] += 1
+        return kept
 
     def _prune(self, candidates: dict[ir.Node, Unit], units: dict[ir.Node, Unit]) -> dict[ir.Node, Unit]:
         """Keep the neighbours whose output reaches a weighted unit through kept neighbours

@@ -56,16 +56,19 @@ def _opt(default, help_text):
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeStaticOptions:
-    activation_type: Literal["uint8", "int8", "int16"] = _opt("uint8", "integer type of activations")
+    activation_type: Literal["auto", "uint8", "int8", "int16"] = _opt(
+        "auto", "integer type of activations; auto: the target's (uint8 on x86, whose kernels take uint8 and convert "
+        "int8 Q/DQ to it; int8 on ARM, which runs s8s8 natively)")
     weight_type: Literal["auto", "int8", "uint8"] = _opt(
-        "auto", "integer type of weights (symmetric); auto: uint8 where uint8 activations are centred (zero "
-        "point above 64), whose int8 products saturate ORT's u8s8 kernels on x86 without VNNI; int16 for a "
-        "MatMul/Gemm reading int16 activations (ORT would fold int8 ones into MatMulNBits, which requantizes "
-        "the activation to 8 bits by default); else int8")
-    reduce_range: bool = _opt(False, "7-bit int8 weights: ORT's u8s8 kernels on x86 CPUs without VNNI "
-                                    "(AVX2, AVX-512F) saturate int16 sums with full 8-bit weights")
+        "auto", "integer type of weights (symmetric); auto: int8, except on targets whose u8s8 kernels saturate "
+        "(x86 without VNNI: avx2, avx512, generic), where a centred uint8 activation (zero point above 64) gets "
+        "uint8 weights (exact u8u8 kernels); int16 for a MatMul/Gemm reading int16 activations (ORT would fold "
+        "int8 ones into MatMulNBits, which requantizes the activation to 8 bits by default)")
+    reduce_range: bool | None = _opt(None, "7-bit int8 weights, for u8s8 kernels that saturate int16 pair sums "
+                                           "(x86 without VNNI); none: the target's choice (false everywhere)")
     per_channel: bool = _opt(True, "one weight scale per output channel (needs opset 13) instead of per tensor")
-    symmetric_activations: bool = _opt(False, "symmetric activation ranges (zero point 0 for int8/int16)")
+    symmetric_activations: bool | None = _opt(None, "symmetric activation ranges (zero point 0 for int8/int16); "
+                                                    "none: the target's choice (asymmetric)")
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = _opt(
         "minmax", "how activation ranges are chosen from the calibration statistics")
     percentile: float = _opt(99.99, "mass kept by calibration=percentile, in percent")
@@ -74,6 +77,9 @@ class QuantizeStaticOptions:
         "ort-cpu", "ort-cpu: only node units ORT's CPU provider runs on integers; all: every supported op")
     min_reduction: int = _opt(128, "placement=ort-cpu: leave float a Conv/MatMul/Gemm with fewer multiply-adds per "
                                    "output (Cin*kh*kw or K); ORT's int8 kernels lose to float below that")
+    min_island: int = _opt(1, "leave float a group of quantized ops joined by shared Q/DQ tensors holding fewer "
+                              "than this many Conv/MatMul/Gemm: a lone quantized op between float ops pays for its "
+                              "Q/DQ and breaks ORT's float fusions around it (the speed search raises it)")
     min_sqnr_db: float = _opt(20.0, "leave float a node whose activations would keep less than this estimated "
                                     "SQNR (dB) on the quietest calibration sample; 0 disables the check")
     quantize_bias: bool = _opt(True, "store Conv/Gemm biases as int32 with scale x_scale*w_scale")
@@ -126,6 +132,14 @@ class QuantizeStaticPass(Pass):
     name = NAME
     Options = QuantizeStaticOptions
     fidelity_of = Fidelity.LOSSY
+    measures_speed = True
+
+    def target_defaults(self, target) -> dict:
+        return target.static_defaults()
+
+    def speed_ladder(self) -> list[tuple[dict, str]]:
+        """Fewer, larger quantized islands: each rung leaves float the islands of fewer ops."""
+        return [({"min_island": n}, f"min_island={n}") for n in (2, 4, 8) if n > self.options.min_island]
 
     def promotion_ladder(self) -> list[tuple[dict, str]]:
         """What ``promote_nodes`` can get: int16 activations, unless every activation is int16 already."""
@@ -162,7 +176,7 @@ class QuantizeStaticPass(Pass):
         group_ranges = self._group_ranges(plans, stats, promote)
         namer, weights = Namer(model), {}
         for (graph, plan), graph_ranges in zip(plans, group_ranges):
-            _Rewriter(graph, plan, graph_ranges, opts, namer, result, weights).run()
+            _Rewriter(graph, plan, graph_ranges, opts, namer, result, weights, self.target.u8s8_saturates).run()
         model.ir_version = max(model.ir_version, min_ir_version(default_opset(model)))
         return PassResult(model, True, result)
 
@@ -225,7 +239,8 @@ class QuantizeStaticPass(Pass):
             placer = Placer(graph, problem, lambda n: chosen is None or n in chosen,
                             self.options.placement, absorb=not self.options.symmetric_activations,
                             min_reduction=self.options.min_reduction,
-                            rank=lambda v: stats[v.name].rank if v.name in stats else None)
+                            rank=lambda v: stats[v.name].rank if v.name in stats else None,
+                            min_island=self.options.min_island)
             plan = placer.plan()
             fallbacks.update(plan.fallbacks)
             plans.append((graph, plan))
@@ -258,8 +273,9 @@ class _Rewriter:
     """Applies one graph's plan: fold BatchNorms, quantize weights and biases, insert Q/DQ."""
 
     def __init__(self, graph: ir.Graph, plan: Plan, ranges: list, opts: QuantizeStaticOptions, namer: Namer,
-                 stats: dict, weights: dict):
+                 stats: dict, weights: dict, saturates: bool = True):
         self.graph, self.plan, self.ranges, self.opts, self.namer, self.stats = graph, plan, ranges, opts, namer, stats
+        self.saturates = saturates  # the target's u8s8 kernels saturate: centred activations get uint8 weights
         self.ranges = ranges  # per group: (lo, hi, name for its scale and zero point, activation type)
         self.weights = weights  # (weight, axis, type) -> ([q, scale, zero point] initializers, scale array)
         self.alias: dict[ir.Value, ir.Value] = {}
@@ -403,6 +419,8 @@ class _Rewriter:
                                   add_initializer(owner, self.namer, f"{base}_scale", w_scale),
                                   add_initializer(owner, self.namer, f"{base}_zero_point", w_zp)], w_scale)
             self.stats["weights_quantized"] += 1
+            types = self.stats.setdefault("weight_types", {})
+            types[wtype.name] = types.get(wtype.name, 0) + 1
         inputs, w_scale = self.weights[key]
         attrs = {} if axis is None else {"axis": axis}
         dq = add_node(self.graph, self.namer, "DequantizeLinear", inputs, attrs,
@@ -420,7 +438,7 @@ class _Rewriter:
         if zero_point.dtype == np.int16 and node.op_type in ("MatMul", "Gemm"):
             return qm.QuantType(16)  # int8 would let ORT fold it into MatMulNBits, which requantizes x to 8 bits
         centred = zero_point.dtype == np.uint8 and int(zero_point) > 64
-        return qm.QuantType(8, signed=not centred)
+        return qm.QuantType(8, signed=not (centred and self.saturates))
 
     def _quantize_bias(self, unit: Unit, w_scale: np.ndarray, n: int) -> None:
         node = unit.node
