@@ -19,7 +19,7 @@ from .cleanup import (
 )
 from .prune import PruneChannelsPass
 from .quantize import ConvertFloat16Pass, QuantizeDynamicPass, QuantizeStaticPass, QuantizeWeightsPass
-from .share import MergeIdenticalWeightsPass
+from .share import ClusterWeightsPass, MergeIdenticalWeightsPass
 
 PASSES: tuple = (
     # cleanup (lossless)
@@ -40,6 +40,7 @@ PASSES: tuple = (
     PruneChannelsPass,
     # share (merge-identical lossless; the others lossy)
     MergeIdenticalWeightsPass,
+    ClusterWeightsPass,
 )
 
 FAMILIES: dict[str, list[str]] = {
