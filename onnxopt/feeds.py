@@ -163,7 +163,7 @@ def generate_feeds(specs: list[InputSpec], count: int = DEFAULT_SAMPLE_COUNT, se
 
 def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     if dtype == np.bool_:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)  # a 0-d array, not a numpy scalar ORT refuses
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, 4, size=shape).astype(dtype)
     if np.issubdtype(dtype, np.floating) or dtype.kind == "V":
