@@ -47,6 +47,18 @@ class PassContext:
             self._analyses[key] = compute()
         return self._analyses[key]
 
+    def value_shapes(self, model: ir.Model) -> dict:
+        """name -> (shape, dtype) of every main-graph tensor, measured with ORT on the first feed."""
+        from .split_measure import measure_value_shapes
+
+        return self.analysis("value_shapes", lambda: measure_value_shapes(model, self.feeds))
+
+    def node_latency(self, model: ir.Model) -> list[float]:
+        """Seconds per run of each main-graph node (graph order), measured with ORT's profiler."""
+        from .split_measure import measure_node_latency
+
+        return self.analysis("node_latency", lambda: measure_node_latency(model, self.feeds))
+
     def invalidate(self) -> None:
         self._analyses.clear()
 

@@ -20,6 +20,7 @@ from .cleanup import (
 from .prune import PruneChannelsPass
 from .quantize import ConvertFloat16Pass, QuantizeDynamicPass, QuantizeStaticPass, QuantizeWeightsPass
 from .share import ClusterWeightsPass, MergeIdenticalWeightsPass
+from .split import SplitAtTensorsPass, SplitStagesPass, SplitSupportedOpsPass
 
 PASSES: tuple = (
     # cleanup (lossless)
@@ -41,6 +42,10 @@ PASSES: tuple = (
     # share (merge-identical lossless; the others lossy)
     MergeIdenticalWeightsPass,
     ClusterWeightsPass,
+    # split (lossless: partition marks only; `onnxopt split` exports the stages)
+    SplitAtTensorsPass,
+    SplitStagesPass,
+    SplitSupportedOpsPass,
 )
 
 FAMILIES: dict[str, list[str]] = {
