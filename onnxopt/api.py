@@ -215,3 +215,37 @@ def diff(model_a: str | Path, model_b: str | Path, *, tensors: bool = False, dat
 
 def inspect(model_path: str | Path) -> dict:
     return inspect_model(load_model(model_path))
+
+
+def split(model_path: str | Path, outdir: str | Path, *, at: list[str] | tuple[str, ...] | None = None,
+          stages: int | None = None, by: str = "params", supported_ops: str | Path | list[str] | None = None,
+          data: str | Path | None = None, dims: dict[str, int] | None = None, samples: int | None = None,
+          report: str | Path | None = None, force: bool = False, tolerance: Tolerance | None = None,
+          progress: Progress | None = None, registry: Registry | None = None):
+    """Split a model into standalone stage models plus ``manifest.json`` in ``outdir`` (one of ``at``,
+    ``stages``/``by`` or ``supported_ops``, a file or a list of op specs), then chain the stages with ORT
+    against the original. Returns a ``SplitResult``; ``result.ok`` is False when the stages differ."""
+    from .split_run import check_outdir, read_supported_ops, split_model, split_spec
+
+    ops = read_supported_ops(supported_ops) if isinstance(supported_ops, (str, Path)) else supported_ops
+    spec = split_spec(list(at) if at else None, stages, by, list(ops) if ops else None, registry)
+    check_outdir(Path(outdir), force)
+    model = load_model(model_path)
+    feeds, _ = make_feeds(model, data, dims, samples)
+    with _hint_on_generated_inputs(not data):
+        result = split_model(model, model_path, outdir, spec, feeds, force=force, tolerance=tolerance,
+                             registry=registry, progress=progress)
+    if report:
+        write_report(result.as_dict(), report)
+    return result
+
+
+def merge(manifest: str | Path, output: str | Path, *, data: str | Path | None = None,
+          dims: dict[str, int] | None = None, samples: int | None = None, force: bool = False,
+          tolerance: Tolerance | None = None):
+    """Rebuild one model from a split manifest; written only when it matches the chained stages and
+    (where it is still there) the original. Returns a ``MergeResult``."""
+    from .split_run import merge_manifest
+
+    return merge_manifest(manifest, output, lambda model: make_feeds(model, data, dims, samples)[0],
+                          tolerance=tolerance, force=force)

@@ -70,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     dif.add_argument("--json", action="store_true", help="print the whole diff as JSON")
     dif.add_argument("--html", metavar="R.html", help="also write a self-contained HTML page")
 
+    spl = sub.add_parser("split", help="cut a model into standalone stage models and prove they chain back")
+    spl.add_argument("model")
+    spl.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="directory for stageK.onnx and manifest.json")
+    spl.add_argument("--at", help="cut at these tensors, comma-separated, in topological order")
+    spl.add_argument("--stages", type=int, metavar="N", help="N stages balanced by --by")
+    spl.add_argument("--by", choices=("params", "flops", "latency", "memory"), default="params")
+    spl.add_argument("--supported-ops", metavar="FILE", help="ops a target supports (JSON list or one per line): "
+                     "supported islands and fallback parts")
+    _add_data_args(spl)
+    spl.add_argument("--report", help="write the split result (stage costs, wiring, stitch-back) as JSON")
+    spl.add_argument("--force", action="store_true", help="write into a non-empty OUTDIR (replacing an earlier split)")
+
+    mrg = sub.add_parser("merge", help="rebuild one model from a split manifest")
+    mrg.add_argument("manifest")
+    mrg.add_argument("-o", "--output", required=True)
+    _add_data_args(mrg)
+    mrg.add_argument("--force", action="store_true", help="overwrite an existing -o file")
+
     lst = sub.add_parser("passes", help="list every pass with its options")
     lst.add_argument("--json", action="store_true")
 
@@ -176,6 +194,38 @@ def _diff(args) -> int:
     return 0
 
 
+def _split(args) -> int:
+    at = [t.strip() for t in args.at.split(",") if t.strip()] if args.at else None
+    if args.stages is not None and args.stages < 1:
+        raise UsageError(f"--stages must be at least 1, got {args.stages}")
+    result = api.split(args.model, args.output, at=at, stages=args.stages, by=args.by, supported_ops=args.supported_ops,
+                       data=args.data, dims=parse_dims(args.dim), samples=args.samples, report=args.report,
+                       force=args.force, tolerance=Tolerance(args.rtol, args.atol))
+    from .split_run import print_split
+
+    print_split(result)
+    if not result.ok:
+        print(f"onnxopt: stitch-back failed: the {len(result.manifest['stages'])} stages run in sequence differ "
+              "from the original", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _merge(args) -> int:
+    result = api.merge(args.manifest, args.output, data=args.data, dims=parse_dims(args.dim), samples=args.samples,
+                       force=args.force, tolerance=Tolerance(args.rtol, args.atol))
+    for check in (result.against_stages, result.against_original):
+        if check is not None:
+            print(f"merged vs {check.against}: {'equal' if check.equal else 'DIFFERENT'}")
+    for note in result.notes:
+        print(f"note: {note}")
+    if not result.ok:
+        print("onnxopt: merge failed: the merged model differs; nothing written", file=sys.stderr)
+        return 1
+    print(f"wrote {result.output}")
+    return 0
+
+
 def _inspect(args) -> int:
     info = api.inspect(args.model)
     if args.json:
@@ -236,7 +286,7 @@ def _zoo(args) -> int:
     return 0
 
 
-_COMMANDS = {"optimize": _optimize, "validate": _validate, "diff": _diff, "inspect": _inspect, "passes": _passes, "zoo": _zoo}
+_COMMANDS = {"optimize": _optimize, "validate": _validate, "diff": _diff, "split": _split, "merge": _merge, "inspect": _inspect, "passes": _passes, "zoo": _zoo}
 
 
 if __name__ == "__main__":
