@@ -24,6 +24,8 @@ SELECTOR_HELP = {
     "ops": "only nodes of these op types (e.g. [MatMul,Conv])",
     "exclude_ops": "skip nodes of these op types",
     "region": "two tensor names [from,to]: only nodes on a path from the first to the second",
+    "partition": "only nodes a split-* pass marked with one of these partitions (e.g. [accelerator], [stage1]); "
+                 "If/Loop body nodes follow their node",
 }
 SELECTOR_FIELDS = tuple(SELECTOR_HELP)
 
@@ -44,6 +46,7 @@ class SelectorOptions:
     ops: tuple[str, ...] = selector_field("ops")
     exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
     region: tuple[str, ...] = selector_field("region")
+    partition: tuple[str, ...] = selector_field("partition")
 
 
 PROMOTE_HELP = ("nodes (name regular expressions) quantized at the pass's higher fallback precision; "
@@ -107,6 +110,7 @@ class NodeSelector:
     ops: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
     region: tuple[str, ...] = ()
+    partition: tuple[str, ...] = ()
 
     def __post_init__(self):
         for f in SELECTOR_FIELDS:
@@ -145,6 +149,9 @@ class NodeSelector:
     def select(self, model: ir.Model) -> list[ir.Node]:
         """Every selected node of every graph (subgraphs and functions too), in graph order."""
         region = self.region_nodes(model) if self.region else None
+        if self.partition:
+            marked = self.partition_nodes(model)
+            region = marked if region is None else region & marked
         selected = [node for graph in all_graphs(model) for node in graph if self.matches(node, region)]
         if not selected and not self.is_trivial:
             raise UsageError(f"node selector matched no node: looked for {self.describe()}")
@@ -167,6 +174,21 @@ class NodeSelector:
         if not core:
             raise UsageError(f"selector 'region': no path from tensor {start_name!r} to tensor {end_name!r}")
         return frozenset(_with_subgraph_nodes(core))
+
+
+    def partition_nodes(self, model: ir.Model) -> frozenset[ir.Node]:
+        """Main-graph nodes marked with one of ``partition`` (see onnxopt.split_marks), with their bodies."""
+        from .split_marks import partition_of
+
+        labels = {partition_of(node) for node in model.graph} - {None}
+        if not labels:
+            raise UsageError("selector 'partition': the model carries no partition marks; run a split-* pass "
+                             "before this one (e.g. -p split-supported-ops:ops=[Conv,Relu])")
+        unknown = [p for p in self.partition if p not in labels]
+        if unknown:
+            raise UsageError(f"selector 'partition': no partition named {unknown[0]!r}; the model has "
+                             f"{', '.join(sorted(labels))}")
+        return frozenset(_with_subgraph_nodes(n for n in model.graph if partition_of(n) in self.partition))
 
 
 def selector_from_options(options) -> NodeSelector:

@@ -70,6 +70,7 @@ class QuantizeDynamicOptions:
     exclude_nodes: tuple[str, ...] = selector_field("exclude_nodes")
     exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
     region: tuple[str, ...] = selector_field("region")
+    partition: tuple[str, ...] = selector_field("partition")
 
     def __post_init__(self):
         unknown = [op for op in self.ops if op not in SUPPORTED]

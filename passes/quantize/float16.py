@@ -92,6 +92,7 @@ class ConvertFloat16Options:
     ops: tuple[str, ...] = selector_field("ops")
     exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
     region: tuple[str, ...] = selector_field("region")
+    partition: tuple[str, ...] = selector_field("partition")
 
     def __post_init__(self):
         if self.dtype == "bfloat16" and not self.keep_io_types:

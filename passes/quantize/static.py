@@ -90,6 +90,7 @@ class QuantizeStaticOptions:
     ops: tuple[str, ...] = selector_field("ops")
     exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
     region: tuple[str, ...] = selector_field("region")
+    partition: tuple[str, ...] = selector_field("partition")
     promote_nodes: tuple[str, ...] = promote_field()
     inline_functions: bool = _opt(True, "inline model-local functions first, so their nodes are calibrated and "
                                         "quantized like the main graph's (false: leave function bodies float)")

@@ -97,6 +97,7 @@ class QuantizeWeightsOptions:
     ops: tuple[str, ...] = selector_field("ops")
     exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
     region: tuple[str, ...] = selector_field("region")
+    partition: tuple[str, ...] = selector_field("partition")
     promote_nodes: tuple[str, ...] = promote_field()
     promote_bits: int = _opt(0, "bits of promote_nodes' weights, 8 or 16; 0: the next step up (8, or 16 when bits=8)")
 
