@@ -131,3 +131,40 @@ def test_promoted_16_bit_rows_use_standard_gathers():
     assert model.graph.initializers["table_quantized"].const_value.dtype == ir.DataType.INT16
     want = table_of(with_table(EMBED))[IDS]
     assert np.abs(run_ort(model, {"ids": IDS})[0] - want).max() < 1e-3
+
+
+ENCODER = """<ir_version: 8, opset_import: ["" : 17]>
+g (int64[2,5] ids) => (float[2,5,64] y) { e = Gather(table, ids)  y = MatMul(e, w) }"""
+
+
+def encoder() -> ir.Model:
+    proto = onnx.parser.parse_model(ENCODER)
+    rng = np.random.default_rng(0)
+    for name, shape, scale in (("table", (100, 64), 1.0), ("w", (64, 64), 0.125)):
+        proto.graph.initializer.append(numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name))
+    return ir.from_proto(proto)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_dynamic_and_static_quantize_gather_tables_by_default_and_gather_bits_0_keeps_them(mode):
+    from onnxopt import PassContext
+    from onnxopt.passes.quantize import QuantizeDynamicPass, QuantizeStaticPass
+
+    def run(**options):
+        model = encoder()
+        if mode == "dynamic":
+            return model, QuantizeDynamicPass(**options)(model)
+        feeds = [{"ids": np.random.default_rng(i).integers(0, 100, (2, 5))} for i in range(4)]
+        return model, QuantizeStaticPass(context=PassContext(feeds), **options)(model)
+
+    before = encoder()
+    model, result = run()
+    assert "GatherBlockQuantized" in op_types(model) and "table" not in model.graph.initializers
+    assert "Gather_0" in result.stats["quantized_nodes"]  # mixed precision can keep it float
+    assert result.stats["gather_tables"]["gather_rows"] == {"Gather_0": "contrib"}
+    want, got = run_ort(before, {"ids": IDS})[0], run_ort(model, {"ids": IDS})[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    kept, result = run(gather_bits=0)
+    assert "Gather" in op_types(kept) and "table" in kept.graph.initializers
+    excluded, result = run(exclude_nodes=("^Gather_0$",))  # what the fallback passes to keep it float
+    assert "table" in excluded.graph.initializers and "gather_tables" not in result.stats

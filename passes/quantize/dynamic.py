@@ -44,6 +44,7 @@ from onnxopt.naming import Namer
 
 from . import weights_lazy as lazy
 from .placement import DEFAULT_DOMAINS, add_initializer, add_node, drop_if_unused, stored_tensor
+from .weights import gather_bits_field, merge_gather_stats, quantize_gather_tables
 from .weights_store import Store
 
 NAME = "quantize-dynamic"
@@ -66,6 +67,7 @@ class QuantizeDynamicOptions:
     per_channel: bool = _opt(True, "one weight scale per output column instead of per tensor")
     min_reduction: int = _opt(64, "leave float a node with fewer multiply-adds per output (K, or Cin*kh*kw)")
     pow2: bool = _opt(False, "power-of-two weight scales (2^-n); activation scales are computed at run time")
+    gather_bits: Literal[0, 4, 8] = gather_bits_field()
     nodes: tuple[str, ...] = selector_field("nodes")
     exclude_nodes: tuple[str, ...] = selector_field("exclude_nodes")
     exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
@@ -115,13 +117,16 @@ class QuantizeDynamicPass(Pass):
                     plans.append((graph, node))
         stats["fallbacks"] = dict(fallbacks)
         if not plans:
-            return PassResult(model, False, stats)
+            tables = quantize_gather_tables(model, opts, opts.gather_bits)
+            merge_gather_stats(stats, tables)
+            return PassResult(model, bool(tables), stats)
         if default_opset(model) < 11:  # DynamicQuantizeLinear is opset 11
             current = default_opset(model)
             ensure_opset(model, 11)  # replaces the graph objects: plan again
             stats["opset_upgraded"] = f"{current}->11"
             return self._after_upgrade(model, stats)
         self._rewrite(model, plans, stats)
+        merge_gather_stats(stats, quantize_gather_tables(model, opts, opts.gather_bits))
         return PassResult(model, True, stats)
 
     def _after_upgrade(self, model: ir.Model, stats: dict) -> PassResult:

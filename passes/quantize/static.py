@@ -46,6 +46,7 @@ from onnxopt.naming import Namer
 
 from .placement import (CORE, Placer, Plan, Unit, add_initializer, add_node, bias_vector,
                             channel_affine, constant_array, drop_if_unused)
+from .weights import gather_bits_field, merge_gather_stats, quantize_gather_tables
 
 NAME = "quantize-static"
 
@@ -82,6 +83,7 @@ class QuantizeStaticOptions:
                               "Q/DQ and breaks ORT's float fusions around it (the speed search raises it)")
     min_sqnr_db: float = _opt(20.0, "leave float a node whose activations would keep less than this estimated "
                                     "SQNR (dB) on the quietest calibration sample; 0 disables the check")
+    gather_bits: Literal[0, 4, 8] = gather_bits_field()
     quantize_bias: bool = _opt(True, "store Conv/Gemm biases as int32 with scale x_scale*w_scale")
     upgrade_opset: bool = _opt(True, "upgrade the opset when the options need it (per-channel 13, int16 21)")
     bins: int = _opt(calib.DEFAULT_BINS, "histogram bins of percentile/entropy/mse calibration")
@@ -160,7 +162,9 @@ class QuantizeStaticPass(Pass):
             result["functions_inlined"] = inlined
         plans = self._plan(model, stats, result, promote)
         if not any(plan.units for _, plan in plans):
-            return PassResult(model, bool(inlined), result)
+            tables = quantize_gather_tables(model, opts, opts.gather_bits, ops_selector=True)
+            merge_gather_stats(result, tables)
+            return PassResult(model, bool(inlined or tables), result)
         promoted = any(_promoted_values(plan, promote) for _, plan in plans)
         need = max(13 if opts.per_channel else 10, 21 if opts.activation_type == "int16" or promoted else 10)
         upgraded = require_opset(
@@ -178,6 +182,7 @@ class QuantizeStaticPass(Pass):
         namer, weights = Namer(model), {}
         for (graph, plan), graph_ranges in zip(plans, group_ranges):
             _Rewriter(graph, plan, graph_ranges, opts, namer, result, weights, self.target.u8s8_saturates).run()
+        merge_gather_stats(result, quantize_gather_tables(model, opts, opts.gather_bits, ops_selector=True))
         model.ir_version = max(model.ir_version, min_ir_version(default_opset(model)))
         return PassResult(model, True, result)
 

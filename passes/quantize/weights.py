@@ -57,6 +57,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import UsageError
+from onnxopt.graph_walk import all_nodes
 from onnxopt.opset import default_opset, min_ir_version, require_opset
 from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.selectors import NameFilter, promote_field, promote_filter, selector_field, selector_from_options
@@ -463,3 +464,42 @@ class QuantizeWeightsPass(Pass):
         pos = store.const(f"{base}_scale", scale)
         neg = store.const(f"{base}_neg_scale", neg_scale)
         return store.op("Where", [shaped, pos, neg], name=f"{base}_dequantized")
+
+
+GATHER_SELECTORS = ("nodes", "exclude_nodes", "exclude_ops", "region", "promote_nodes")
+
+
+def gather_bits_field():
+    return _opt(8, "bits of Gather tables (embeddings), stored as quantize-weights does them (gather=contrib: "
+                   "only the gathered rows are dequantized); 0 keeps them float")
+
+
+def quantize_gather_tables(model: ir.Model, owner_options, bits: int, ops_selector: bool = False) -> dict:
+    """``bits``-bit rows for the Gather tables chosen by the selector fields of ``owner_options`` (the
+    ``gather_bits`` of quantize-dynamic and quantize-static): quantize-weights' stats, or {} when no table
+    is selected (``ops_selector``: the owner's ``ops`` is a selector, which must then name Gather). The Gather
+    nodes join ``quantized_nodes``, so mixed precision can keep them float."""
+    if bits == 0 or not any(n.op_type == "Gather" for n in all_nodes(model)):
+        return {}
+    fields = {f.name for f in dataclasses.fields(owner_options)}
+    if ops_selector and owner_options.ops and "Gather" not in owner_options.ops:
+        return {}
+    selectors = {k: getattr(owner_options, k) for k in GATHER_SELECTORS if k in fields}
+    options = QuantizeWeightsOptions(bits=bits, ops=("Gather",), **selectors)
+    try:  # the pass names unnamed Gathers before it selects, so an excluded name can match only then
+        stats = QuantizeWeightsPass(options)(model).stats
+    except UsageError as err:
+        if "matched no node" in str(err):  # the owner's selectors choose no Gather
+            return {}
+        raise
+    return stats if stats["weights_quantized"] else {}
+
+
+def merge_gather_stats(stats: dict, tables: dict) -> None:
+    """Fold quantize_gather_tables' stats into the calling pass's stats."""
+    if not tables:
+        return
+    stats["weights_quantized"] = stats.get("weights_quantized", 0) + tables["weights_quantized"]
+    stats["quantized_nodes"] = sorted(set(stats.get("quantized_nodes", [])) | set(tables["quantized_nodes"]))
+    stats["gather_tables"] = {key: tables[key] for key in ("gather_rows", "bytes_before", "bytes_after", "skipped",
+                                                           "promoted_nodes", "opset_upgraded") if tables.get(key)}
