@@ -22,6 +22,43 @@ def run_child(script: Path, args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm")
+
+
+def machine_lines() -> list[str]:
+    """The CPU model, its integer-kernel ISA flags, cores, library versions and onnxopt's detected target."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model", "Hardware") and model == "unknown CPU":
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    import os
+
+    lines = [f"CPU: {model}, {os.cpu_count()} logical cores; ISA: "
+             + (" ".join(f for f in ISA_FLAGS if f in flags) or "none of " + " ".join(ISA_FLAGS)),
+             f"onnx {onnx.__version__}, onnxruntime {ort.__version__}"]
+    try:
+        from onnxopt import target  # the target helper's module; absent in older trees
+    except ImportError:
+        lines.append("target: (onnxopt.target not available)")
+    else:
+        lines.append(f"target: {target_line(target)}")
+    return lines
+
+
+def target_line(target) -> str:
+    """onnxopt's auto-detected target: name, summary, how it was chosen."""
+    found = target.resolve("auto")
+    return f"{found.name} ({found.summary}; chosen by {found.chosen_by})"
+
+
 def peak_rss_bytes() -> int:
     """Peak RSS of this process image: VmHWM where Linux has it, else getrusage's ru_maxrss.
 

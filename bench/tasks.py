@@ -193,6 +193,13 @@ def neighbour_agreement(reference: Arrays, candidate: Arrays) -> float:
     return float(np.mean(nearest_neighbours(ref) == nearest_neighbours(cand)))
 
 
+def worst_cosine(reference: Arrays, candidate: Arrays) -> float:
+    """The lowest cosine similarity of one pooled vector (one sentence) with its reference."""
+    ref, cand = pooled(reference), pooled(candidate)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    return float(np.min(np.sum(ref * cand, axis=1) / np.maximum(norms, 1e-30)))
+
+
 def cosine(reference: Arrays, candidate: Arrays) -> float:
     """Cosine similarity of all samples' values together (a per-sample cosine of a one-value
     output, such as a speech probability, would always be 1)."""
