@@ -168,3 +168,17 @@ def test_dynamic_and_static_quantize_gather_tables_by_default_and_gather_bits_0_
     assert "Gather" in op_types(kept) and "table" in kept.graph.initializers
     excluded, result = run(exclude_nodes=("^Gather_0$",))  # what the fallback passes to keep it float
     assert "table" in excluded.graph.initializers and "gather_tables" not in result.stats
+
+
+def test_a_gather_in_a_local_function_imports_the_contrib_domain_there():
+    model = ir.from_proto(onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+        g (int64[2,5] ids) => (float[2,5,64] y) { y = local.Embed(ids) }
+        <domain: "local", opset_import: ["" : 17]>
+        Embed (ids) => (y) { table = Constant<value = float[40,32] {""" + ", ".join(["0.5", "-1.5"] * 640) + """}>()
+                             y = Gather(table, ids) }"""))
+    before = model.clone()
+    result = quantize(model)
+    function = next(iter(model.functions.values()))
+    assert result.stats["gather_rows"] and function.opset_imports["com.microsoft"] == 1
+    ids = IDS % 40
+    np.testing.assert_allclose(run_ort(model, {"ids": ids})[0], run_ort(before, {"ids": ids})[0], atol=0.01)

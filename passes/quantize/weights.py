@@ -401,6 +401,8 @@ class QuantizeWeightsPass(Pass):
         q, scale = store.const(f"{base}_quantized", q), store.const(f"{base}_scale", scale)
         zp = None if zp is None else store.const(f"{base}_zero_point", zp)
         gather.replace_gathers(rows, q, scale, zp, namer)
+        if rows.fmt == "contrib" and isinstance(group.graph, ir.Function):  # a function imports its own domains
+            group.graph.opset_imports.setdefault(gather.CONTRIB, 1)
         return gather.dequantize_table(rows, q, scale, zp, store, f"{base}_dequantized") if group.uses else None
 
     def _quantized_tensors(self, group: _Group, qtype: qm.QuantType):
