@@ -94,15 +94,21 @@ def optimize(
     html: str | Path | None = None,
     target: str | Target | None = None,
     threads: int | None = None,
+    output_roles=None,
 ) -> OptimizeResult:
     """Load, run the pipeline with validation, write the output (when the run is ok or
     ``keep_going``) and the report. Usage errors surface before the model is read. ``html``
     also writes the page, with each model's latency and the per-tensor error of the result.
 
+    ``output_roles`` declares what outputs are for (``{"out": "embedding"}`` or
+    ``["out=boxes:layout=cxa"]``, as ``--output-role``); a recipe's ``output_roles`` come
+    first. ``eval_data`` only checks the finished model; ``data`` feeds validate each step.
+
     ``target`` is the CPU the model is for: ``auto`` (this machine, the default), a name from
     ``onnxopt.target.TARGETS`` or a Target; a recipe's ``target:`` applies when none is given.
     ``threads``: the intra-op threads it will run with (speed measurements; default 1)."""
     specs = resolve_specs(passes, recipe, registry)
+    roles = _declared_roles(recipe, output_roles)
     settings = recipe_settings(recipe) if recipe else {}
     target = resolve_target(target if target is not None else settings.get("target", "auto"),
                             threads if threads is not None else settings.get("threads"))
@@ -112,14 +118,15 @@ def optimize(
     if output is not None:
         _check_output_path(Path(model_path), Path(output), in_place)
     model = load_model(model_path)
-    calibration_feeds, source = make_feeds(model, data, dims, samples)
-    feeds = calibration_feeds
+    feeds, source = make_feeds(model, data, dims, samples)
+    eval_feeds = None
     if eval_data:
-        feeds, eval_source = make_feeds(model, eval_data, dims, samples)
-        source = f"calibration {source}; evaluation {eval_source}"
+        eval_feeds, eval_source = make_feeds(model, eval_data, dims, samples)
+        source = f"calibration and validation {source}; evaluation {eval_source}"
     config = RunConfig(validate=validate, budget=budget, tolerance=tolerance or Tolerance(), keep_going=keep_going,
                        bisect_limit=bisect_limit, dump_dir=Path(dump_dir) if dump_dir else None,
-                       reproducer_dir=Path(reproducer_dir) if reproducer_dir else None, target=target)
+                       reproducer_dir=Path(reproducer_dir) if reproducer_dir else None, target=target,
+                       output_roles=roles)
     instruments, original = [], None
     if html:
         from .latency import LatencyInstrument
@@ -128,14 +135,16 @@ def optimize(
         original = snapshot(model)
         instruments.append(LatencyInstrument(feeds[0]))
     with _hint_on_generated_inputs(not data):
-        run = Runner(specs, config, instruments, registry=registry, progress=progress).run(model, feeds, calibration_feeds)
+        run = Runner(specs, config, instruments, registry=registry, progress=progress).run(model, feeds, feeds,
+                                                                                          eval_feeds)
     written = None
     final_failed = run.final is not None and bool(run.final.error or run.final.breaches)
     if output is not None and not run.crash and run.model_trusted and not run.structure_problems \
             and not final_failed and (run.ok or keep_going):
         protect = () if in_place else (model_path,)
         written = save_model(run.model, output, protect=protect)
-    inputs = {"count": len(feeds), "signature": describe_feeds(feeds)}
+    inputs = {"count": len(feeds), "signature": describe_feeds(feeds),
+              "eval_count": len(eval_feeds) if eval_feeds is not None else None}
     document = build_report(run, model_path=str(model_path), output_path=str(written) if written else None,
                             inputs=inputs, budget=budget.text(), validate=validate, data_source=source)
     if report:
@@ -156,6 +165,14 @@ def _write_optimize_page(document, path, original, final, feeds, latency, tolera
     except Exception as exc:  # noqa: BLE001 - the page is debug output: say why the plot is missing
         page["notes"] = [*document.get("notes", []), f"per-tensor comparison unavailable: {type(exc).__name__}: {exc}"]
     write_page(render_optimize_page(page), path)
+
+
+def _declared_roles(recipe, output_roles) -> dict:
+    """Declared roles: the recipe's ``output_roles``, then ``output_roles`` (which wins)."""
+    from .roles import parse_role_specs, recipe_roles
+
+    roles = parse_role_specs(recipe_roles(recipe)) if recipe else {}
+    return roles | parse_role_specs(output_roles)
 
 
 @contextlib.contextmanager
@@ -182,15 +199,21 @@ def _check_output_path(model_path: Path, output: Path, in_place: bool) -> None:
 def validate_models(reference: str | Path, candidate: str | Path, *, data: str | Path | None = None,
                     dims: dict[str, int] | None = None, samples: int | None = None,
                     budget: str | Budget | None = None, tolerance: Tolerance | None = None,
-                    progress: Progress | None = None) -> Comparison:
-    """Compare two models' outputs on the same feeds. ``comparison.equal`` is within tolerance;
-    with a budget, ``comparison.breaches`` lists what falls outside it."""
+                    progress: Progress | None = None, output_roles=None) -> Comparison:
+    """Compare two models' outputs on the same feeds, each output by its role (declared in
+    ``output_roles`` or inferred; ``comparison.roles``). ``comparison.equal`` is within
+    tolerance; with a budget, ``comparison.breaches`` lists what falls outside it."""
+    from .roles import parse_role_specs
+
     budget = budget if isinstance(budget, Budget) else (Budget.parse(budget) if budget else Budget())
+    roles = parse_role_specs(output_roles)
     ref_model = load_model(reference)
     cand_model = load_model(candidate)
     feeds, _ = make_feeds(ref_model, data, dims, samples)
-    validator = Validator(ref_model, feeds, tolerance, progress)
-    return validator.compare(cand_model, budget or None, "candidate")
+    validator = Validator(ref_model, feeds, tolerance, progress, roles=roles)
+    comparison = validator.compare(cand_model, budget or None, "candidate")
+    comparison.roles = validator.roles_report()
+    return comparison
 
 
 def diff(model_a: str | Path, model_b: str | Path, *, tensors: bool = False, data: str | Path | None = None,

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--budget", help="fidelity budget for lossy passes, e.g. snr_db=30,cosine=0.999,agreement=0.99 "
                           "(default cosine=0.99,agreement=0.99,sequence_agreement=0.99; 'none' for report-only)")
     opt.add_argument("--validate", choices=("each", "end", "off"), default="each",
-                     help="check outputs after each pass (default), once at the end, or never")
+                     help="check outputs after each pass (default), once at the end (lossy passes under a budget "
+                          "are still checked and searched on their own), or never")
+    _add_role_arg(opt)
     opt.add_argument("--report", help="write the JSON report here")
     opt.add_argument("--html", metavar="R.html", help="also write a self-contained HTML page (measures each "
                      "model's latency and compares every tensor of the result with the input model)")
@@ -53,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("reference")
     val.add_argument("candidate")
     _add_data_args(val)
-    val.add_argument("--budget", help="pass if these metrics hold (instead of float-rounding equality)")
+    val.add_argument("--budget", help="pass if these metrics hold (instead of float-rounding equality); "
+                                      "'default' for each output role's floors")
+    _add_role_arg(val)
     val.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     ins = sub.add_parser("inspect", help="IO signature, opsets, ops, parameters, subgraphs, external data")
@@ -97,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_role_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-role", dest="output_roles", action="append", default=[],
+                        metavar="NAME=ROLE[:k=v,...]",
+                        help="what an output is for, deciding its metrics and default floors (repeatable): scores, "
+                             "sequence, probability[:threshold=0.5], embedding, boxes[:layout=cxa|ac|aoc,"
+                             "score_threshold=0.25], state or raw; a metric key sets this output's floor "
+                             "(e.g. emb=embedding:nn_agreement=0.95). Undeclared outputs are inferred")
+
+
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help=".npz keyed by input name with a leading sample axis, or a directory of .npz feeds")
     parser.add_argument("--dim", action="append", metavar="NAME=VALUE",
@@ -133,7 +146,7 @@ def _optimize(args) -> int:
             keep_going=args.keep_going, bisect_limit=args.bisect_limit, dump_dir=args.dump_dir, report=args.report,
             in_place=args.in_place, reproducer_dir=args.reproducer_dir,
             tolerance=Tolerance(args.rtol, args.atol), progress=progress, html=args.html,
-            target=args.target, threads=args.threads,
+            target=args.target, threads=args.threads, output_roles=args.output_roles,
         )
     finally:
         progress.close()
@@ -149,10 +162,10 @@ def _optimize(args) -> int:
 def _validate(args) -> int:
     comparison = api.validate_models(args.reference, args.candidate, data=args.data, dims=parse_dims(args.dim),
                                      samples=args.samples, budget=args.budget,
-                                     tolerance=Tolerance(args.rtol, args.atol))
+                                     tolerance=Tolerance(args.rtol, args.atol), output_roles=args.output_roles)
     if args.json:
         print(json.dumps({"equal": comparison.equal, "breaches": comparison.breaches, "error": comparison.error,
-                          "metrics": comparison.metrics}, indent=2, default=str))
+                          "metrics": comparison.metrics, "roles": comparison.roles}, indent=2, default=str))
     else:
         _print_comparison(comparison)
     if comparison.error:
@@ -170,11 +183,25 @@ def _print_comparison(comparison) -> None:
     from rich.table import Table
 
     table = Table(title="outputs: reference vs candidate")
-    for column in ("output", "max_abs", "max_rel", "cosine", "snr_db", "agreement"):
+    for column in ("output", "role", "max_abs", "max_rel", "cosine", "snr_db", "task"):
         table.add_column(column)
     for name, metrics in comparison.metrics.items():
-        table.add_row(name, *[_fmt(metrics.get(k)) for k in ("max_abs", "max_rel", "cosine", "snr_db", "agreement")])
-    Console().print(table)
+        role = comparison.roles.get(name, {})
+        label = f"{role.get('role', '-')} ({'declared' if role.get('declared') else 'inferred'})" if role else "-"
+        task = ", ".join(f"{k} {_fmt(metrics[k])}" for k in _task_keys(role.get("role")) if metrics.get(k) is not None)
+        table.add_row(name, label, *[_fmt(metrics.get(k)) for k in ("max_abs", "max_rel", "cosine", "snr_db")],
+                      task or "-")
+    console = Console()
+    console.print(table)
+    for name, role in comparison.roles.items():
+        console.print(f"{name}: {role['role']}, {'declared' if role['declared'] else 'inferred'}: {role['why']}",
+                      markup=False)
+
+
+def _task_keys(role: str | None) -> tuple[str, ...]:
+    from .roles import ROLE_METRICS
+
+    return ROLE_METRICS.get(role or "raw", ())
 
 
 def _fmt(value) -> str:

@@ -46,6 +46,12 @@ class FallbackOutcome:
     trials: list[dict] = field(default_factory=list)
     ranking: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    # How the choice was confirmed on feeds the search did not see (see ``confirm``).
+    holdout: dict | None = None
+    # Where the search stopped, so a failed confirmation can climb from there.
+    stage: str | None = None
+    order: list[str] = field(default_factory=list)
+    rung_index: int = -1
 
 
 def can_exclude_nodes(options) -> bool:
@@ -201,23 +207,24 @@ def search(pass_factory, spec_options, model_before: ir.Model, first_model: ir.M
     outcome = FallbackOutcome(None, None, ranking=[{"node": n, "local_snr_db": db} for n, db in ranking[:20]])
     trials = _Trials(pass_factory, spec_options, model_before, validator, budget, outcome)
 
-    def finish(result, promoted, excluded) -> FallbackOutcome:
+    def finish(result, promoted, excluded, stage) -> FallbackOutcome:
         _, outcome.model, outcome.comparison, outcome.stats = result
         outcome.promoted, outcome.excluded = list(promoted), list(excluded)
+        outcome.stage, outcome.order = stage, list(order)
         return outcome
 
     promoted: list[str] = []
     top: tuple[dict, str] = ({}, "")
     everything = None
-    for rung in ladder:
+    for index, rung in enumerate(ladder):
         everything = trials.run("promote", order, [], order, rung, keep=True)
-        outcome.precision = rung[1]
+        outcome.precision, outcome.rung_index = rung[1], index
         if everything[0]:
             best = _smallest_holding(lambda k: trials.run("promote", order[:k], [], order[k - 1:k], rung)[0],
                                      len(order), lambda: trials.count("promote") < MAX_TRIALS)
             chosen = _halve(lambda names: trials.run("refine", names, [], [], rung)[0], order[:best or len(order)],
                             lambda: trials.count("refine") < MAX_REFINE_TRIALS)
-            return finish(trials.run("promote", chosen, [], [], rung), chosen, [])
+            return finish(trials.run("promote", chosen, [], [], rung), chosen, [], "promote")
         promoted, top = order, rung
     if everything is not None and everything[1] is not None and everything[2].error is None:
         ranking = rank_nodes(model_before, everything[1], feeds, candidates, validator.progress)
@@ -235,7 +242,7 @@ def search(pass_factory, spec_options, model_before: ir.Model, first_model: ir.M
         return outcome
     chosen = _halve(lambda names: keep_float(names, "refine")[0], order[:best],
                     lambda: trials.count("refine") < MAX_REFINE_TRIALS)
-    return finish(keep_float(chosen), [n for n in promoted if n not in chosen], chosen)
+    return finish(keep_float(chosen), [n for n in promoted if n not in chosen], chosen, "float")
 
 
 def _halve(holds, chosen: list[str], trials_left) -> list[str]:

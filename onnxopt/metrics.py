@@ -9,13 +9,40 @@ import numpy as np
 
 from .errors import UsageError
 
-# Direction of each metric: a budget value is a floor (>=) or a ceiling (<=).
-FLOORS = {"cosine", "snr_db", "agreement", "sequence_agreement"}
-CEILINGS = {"max_abs", "max_rel"}
-METRICS = ("max_abs", "max_rel", "cosine", "snr_db", "agreement", "sequence_agreement")
-# Keys about the whole model rather than one output (checked by the runner, not by breaches()):
-# ``speedup``, the floor on float latency / candidate latency (onnxopt/speed.py).
+# Direction of each metric: a budget value is a floor (>=) or a ceiling (<=). Metrics of one
+# output (per role, role_metrics.py) and of the whole model (e.g. a measured speed-up) both
+# register here; ``register_metric`` adds one.
+_DIRECTIONS: dict[str, str] = {
+    "max_abs": "ceiling", "max_rel": "ceiling", "cosine": "floor", "snr_db": "floor",
+    "agreement": "floor", "sequence_agreement": "floor",
+    "cosine_worst": "floor", "cosine_mean": "floor", "nn_agreement": "floor", "box_f1": "floor",
+}
+_MODEL_METRICS: set[str] = set()
+
+
+def register_metric(key: str, direction: str, *, scope: str = "output") -> None:
+    """Make ``key`` a budget key: ``direction`` is "floor" or "ceiling"; ``scope`` "output"
+    (checked on every output that reports it) or "model" (``Budget.breaches(model_metrics=)``)."""
+    if direction not in ("floor", "ceiling") or scope not in ("output", "model"):
+        raise ValueError(f"bad metric registration {key!r}: {direction!r}, {scope!r}")
+    _DIRECTIONS[key] = direction
+    if scope == "model":
+        _MODEL_METRICS.add(key)
+
+
+def metric_direction(key: str) -> str | None:
+    return _DIRECTIONS.get(key)
+
+
+def metric_keys() -> tuple[str, ...]:
+    return tuple(_DIRECTIONS)
+
+
+# Keys about the whole model rather than one output: ``speedup``, the floor on float latency /
+# candidate latency (onnxopt/speed.py), checked by the runner.
 MODEL_KEYS = ("speedup",)
+for _key in MODEL_KEYS:
+    register_metric(_key, "floor", scope="model")
 
 
 def _as_float(a: np.ndarray) -> np.ndarray:
@@ -41,59 +68,26 @@ def looks_like_probability(reference: np.ndarray) -> bool:
 
 
 def output_metrics(reference: list[np.ndarray], candidate: list[np.ndarray],
-                   decisions: bool = True) -> dict[str, float | None]:
-    """Metrics over all samples of one output (lists are per sample).
+                   decisions: bool = True, role=None) -> dict[str, float | None]:
+    """Metrics over all samples of one output (lists are per sample), by its role
+    (``roles.OutputRole``; role_metrics.py has each role's metrics).
 
-    ``agreement`` counts equal decisions: the argmax of each score vector, or a
-    probability's side of 0.5. ``sequence_agreement``, for score sequences [N, T, C]
-    (CTC text recognition, token tagging), counts sequences whose every step agrees: a
-    recognized string can only change where its argmax sequence does. With
-    ``decisions=False`` (e.g. a recurrent state the model also takes as input) neither is
-    measured.
-
-    A decision the reference makes by less than ``TIE_FRACTION`` of the output's range (top-1
-    minus top-2 score; a probability's distance from 0.5) is a tie: either answer agrees. A
-    near-tie sample flips under float16 rounding already, and one such sample among 16 would
-    otherwise fail any lossy pass.
+    Without a role, the shape decides as it always did: class scores (rank 2 or 3, a last axis
+    of 2..100000) get top-1 ``agreement`` (and, rank 3, ``sequence_agreement``); a probability
+    per sample gets agreement at 0.5; ``decisions=False`` measures neither. The validator
+    passes each output's declared or inferred role instead.
     """
-    ref_flat, cand_flat, agree, total = [], [], 0, 0
-    same_sequences, sequences = 0, 0
-    tie = TIE_FRACTION * _value_range(reference) if decisions else 0.0
-    for ref, cand in zip(reference, candidate):
-        if ref.shape != cand.shape:
-            return {"max_abs": math.inf, "max_rel": math.inf, "cosine": 0.0, "snr_db": -math.inf,
-                    "agreement": 0.0, "sequence_agreement": 0.0 if ref.ndim == 3 else None,
-                    "shape_mismatch": f"{list(ref.shape)} vs {list(cand.shape)}"}
-        if ref.dtype.kind in "OUS":
-            same = float(np.mean(ref == cand)) if ref.size else 1.0
-            return {"max_abs": 0.0 if same == 1.0 else math.inf, "max_rel": None, "cosine": None,
-                    "snr_db": None, "agreement": same}
-        ref_flat.append(_as_float(ref).ravel())
-        cand_flat.append(_as_float(cand).ravel())
-        if not decisions:
-            continue
-        if looks_like_class_scores(ref.shape, ref.dtype) and ref.size:
-            r = ref.reshape(-1, ref.shape[-1])
-            c = cand.reshape(-1, cand.shape[-1])
-            equal = (np.argmax(r, axis=-1) == np.argmax(c, axis=-1)) | (_top2_margin(r) < tie)
-            agree += int(np.sum(equal))
-            total += r.shape[0]
-            if ref.ndim == 3:
-                same_sequences += int(np.sum(equal.reshape(ref.shape[:2]).all(axis=1)))
-                sequences += ref.shape[0]
-        elif looks_like_probability(ref):  # binary decisions at 0.5 (e.g. speech / no speech)
-            agree += int(np.sum(((ref > 0.5) == (cand > 0.5)) | (np.abs(ref - 0.5) < tie)))
-            total += ref.size
-    r = np.concatenate(ref_flat) if ref_flat else np.zeros(0)
-    c = np.concatenate(cand_flat) if cand_flat else np.zeros(0)
-    return {
-        "max_abs": _max_abs(r, c),
-        "max_rel": _max_rel(r, c),
-        "cosine": _cosine(r, c),
-        "snr_db": _snr_db(r, c),
-        "agreement": (agree / total) if total else None,
-        "sequence_agreement": (same_sequences / sequences) if sequences else None,
-    }
+    from .role_metrics import measure
+    from .roles import OutputRole
+
+    if role is None:
+        kind = "raw"
+        if decisions and reference and looks_like_class_scores(reference[0].shape, reference[0].dtype):
+            kind = "sequence" if reference[0].ndim == 3 else "scores"
+        elif decisions and reference and looks_like_probability(reference[0]):
+            kind = "probability"
+        role = OutputRole(kind)
+    return {"agreement": None, "sequence_agreement": None} | measure(role, reference, candidate)
 
 
 # Decisions closer than this fraction of the output's range are ties (see output_metrics).
@@ -186,17 +180,24 @@ class Tolerance:
         return True
 
 
-# The budget lossy passes get when the user names none (``--budget none`` turns it off):
-# keep the output direction and, where outputs are class scores, 99% of the decisions and,
-# for score sequences, 99% of whole sequences (a recognized text line is one decision).
-DEFAULT_BUDGET = "cosine=0.99,agreement=0.99,sequence_agreement=0.99"
+# The budget lossy passes get when the user names none (``--budget none`` turns it off): each
+# output's role decides its floors (roles.ROLE_FLOORS): cosine 0.99 for all, and 99% of the
+# decisions where the output carries one (top-1 scores, probabilities, sequences, boxes,
+# nearest neighbours and the worst vector of an embedding).
+DEFAULT_BUDGET = "default"
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Limits on the worst output's metrics, e.g. ``snr_db=30,cosine=0.999``."""
+    """Limits on the outputs' metrics, e.g. ``snr_db=30,cosine=0.999``.
+
+    ``role_defaults`` adds each output's role floors (the default budget; ``default`` in the
+    text); explicit keys override a role floor of the same key, and floors declared with an
+    output's role (``--output-role out=embedding:nn_agreement=0.95``) override both.
+    """
 
     limits: tuple[tuple[str, float], ...] = ()
+    role_defaults: bool = False
 
     @classmethod
     def parse(cls, text: str | None) -> Budget:
@@ -205,39 +206,71 @@ class Budget:
             text = DEFAULT_BUDGET
         if not text or text.strip().lower() in ("none", "off"):
             return cls()
-        limits = []
+        limits, defaults = [], False
         for part in text.split(","):
             key, eq, value = part.partition("=")
             key = key.strip()
-            if not eq or key not in METRICS + MODEL_KEYS:
-                raise UsageError(f"bad budget '{part}': expected METRIC=VALUE with METRIC one of "
-                                 f"{', '.join(METRICS + MODEL_KEYS)}")
+            if key == "default" and not eq:
+                defaults = True
+                continue
+            if not eq or key not in _DIRECTIONS:
+                raise UsageError(f"bad budget '{part}': expected METRIC=VALUE (or 'default') with METRIC one of "
+                                 f"{', '.join(_DIRECTIONS)}")
             try:
                 limits.append((key, float(value)))
             except ValueError:
                 raise UsageError(f"bad budget '{part}': '{value}' is not a number") from None
-        return cls(tuple(limits))
+        return cls(tuple(limits), defaults)
 
     def __bool__(self) -> bool:
-        return bool(self.limits)
+        return bool(self.limits) or self.role_defaults
 
     def text(self) -> str:
-        return ",".join(f"{k}={v:g}" for k, v in self.limits)
+        parts = ["default"] if self.role_defaults else []
+        return ",".join(parts + [f"{k}={v:g}" for k, v in self.limits])
 
     def value(self, key: str) -> float | None:
         """The limit set for ``key`` (e.g. ``speedup``), or None."""
         return next((v for k, v in self.limits if k == key), None)
 
-    def breaches(self, per_output: dict[str, dict[str, float | None]]) -> list[str]:
-        """One message per (output, metric) outside the budget."""
+    def limits_for(self, role=None) -> dict[str, float]:
+        """The limits one output is held to, given its role (an ``OutputRole`` or None)."""
+        from .roles import BASE_FLOORS, ROLE_FLOORS
+
+        if not self:
+            return {}
+        limits: dict[str, float] = {}
+        if self.role_defaults:
+            kind = role.role if role is not None else None
+            limits |= BASE_FLOORS
+            limits |= ROLE_FLOORS[kind] if kind else {"agreement": 0.99, "sequence_agreement": 0.99}
+        limits |= {k: v for k, v in self.limits if k not in _MODEL_METRICS}
+        if role is not None:
+            limits |= role.floors
+        return limits
+
+    def breaches(self, per_output: dict[str, dict[str, float | None]], roles: dict | None = None,
+                 model_metrics: dict[str, float | None] | None = None) -> list[str]:
+        """One message per (output, metric) outside the budget, then per model-level metric."""
         messages = []
         for output, metrics in per_output.items():
-            for key, limit in self.limits:
-                value = metrics.get(key)
-                if value is None:
-                    continue
-                if key in FLOORS and not value >= limit:
-                    messages.append(f"{output}: {key} {value:.6g} < {limit:g}")
-                if key in CEILINGS and not value <= limit:
-                    messages.append(f"{output}: {key} {value:.6g} > {limit:g}")
+            for key, limit in self.limits_for((roles or {}).get(output)).items():
+                message = _breach(key, metrics.get(key), limit)
+                if message:
+                    messages.append(f"{output}: {message}")
+        for key, limit in self.limits:
+            if key in _MODEL_METRICS and model_metrics:
+                message = _breach(key, model_metrics.get(key), limit)
+                if message:
+                    messages.append(message)
         return messages
+
+
+def _breach(key: str, value, limit: float) -> str | None:
+    if value is None or not isinstance(value, (int, float)):
+        return None
+    if _DIRECTIONS[key] == "floor" and not value >= limit:
+        return f"{key} {value:.6g} < {limit:g}"
+    if _DIRECTIONS[key] == "ceiling" and not value <= limit:
+        return f"{key} {value:.6g} > {limit:g}"
+    return None

@@ -18,8 +18,9 @@ def build_report(result: RunResult, *, model_path: str | None, output_path: str 
                  inputs: dict, budget: str, validate: str, data_source: str) -> dict:
     final = None
     if result.final is not None:
-        final = {"equal": result.final.equal, "breaches": result.final.breaches,
-                 "error": result.final.error, "metrics": _jsonable(result.final.metrics)}
+        final = {"feeds": result.final_feeds, "count": result.final.feeds, "equal": result.final.equal,
+                 "breaches": result.final.breaches, "error": result.final.error,
+                 "metrics": _jsonable(result.final.metrics)}
     return {
         "report_version": REPORT_VERSION,
         "tool": "onnxopt",
@@ -30,7 +31,9 @@ def build_report(result: RunResult, *, model_path: str | None, output_path: str 
         "validate": validate,
         "budget": budget,
         "target": result.target,
-        "inputs": {"source": data_source, "feeds": inputs.get("count"), "signature": inputs.get("signature")},
+        "inputs": {"source": data_source, "feeds": inputs.get("count"), "eval_feeds": inputs.get("eval_count"),
+                   "signature": inputs.get("signature")},
+        "outputs": _outputs(result.roles, budget),
         "ok": result.ok,
         "crash": result.crash,
         "reproducer": result.reproducer,
@@ -39,6 +42,19 @@ def build_report(result: RunResult, *, model_path: str | None, output_path: str 
         "passes": [dataclasses.asdict(step) for step in result.steps],
         "final_validation": final,
     }
+
+
+def _outputs(roles: dict, budget_text: str) -> dict:
+    """Each output's role (declared or inferred, and why) and the floors it is held to."""
+    from .metrics import Budget
+    from .roles import OutputRole
+
+    budget = Budget.parse(budget_text or "none")
+    outputs = {}
+    for name, info in roles.items():
+        role = OutputRole(info["role"], info["declared"], info["why"], info["params"], info["floors"])
+        outputs[name] = dict(info) | {"limits": budget.limits_for(role)}
+    return outputs
 
 
 def write_report(report: dict, path: str | Path) -> Path:
@@ -114,12 +130,20 @@ def render_table(report: dict, console=None) -> None:
     if target:
         console.print(f"target: {_target_line(target)}", markup=False)
     console.print(table)
+    for name, info in (report.get("outputs") or {}).items():
+        limits = ", ".join(f"{k}{'<=' if k in ('max_abs', 'max_rel') else '>='}{v:g}"
+                           for k, v in info.get("limits", {}).items()) or "no budget"
+        how = "declared" if info["declared"] else f"inferred: {info['why']}"
+        console.print(f"output {name}: {info['role']} ({how}); {limits}", markup=False)
     for reason in reasons:
         console.print(reason, markup=False)
     final = report.get("final_validation")
     if final:
-        console.print(f"final validation: {'ok' if not final['breaches'] and not final['error'] else 'FAILED'} "
-                      f"{_fmt_metric(final.get('metrics'))}")
+        where = f" on {final.get('count')} {final.get('feeds')} feeds" if final.get("feeds") else ""
+        console.print(f"final validation{where}: {'ok' if not final['breaches'] and not final['error'] else 'FAILED'} "
+                      f"{_fmt_metric(final.get('metrics'))}", markup=False)
+        for breach in (final.get("breaches") or [])[:3]:
+            console.print(f"  {breach}", markup=False)
     for note in report.get("notes", []):
         console.print(f"note: {note}", markup=False)
 
@@ -150,7 +174,15 @@ def _fallback_summary(fallback: dict) -> str:
     if fallback.get("promoted_nodes"):
         moved.append(f"{len(fallback['promoted_nodes'])} nodes to {fallback['precision']}")
     moved.append(f"{len(fallback.get('float_nodes') or [])} kept in float")
-    return f"mixed precision to the budget: {', '.join(moved)} ({len(fallback.get('trials') or [])} trials)"
+    line = f"mixed precision to the budget: {', '.join(moved)} ({len(fallback.get('trials') or [])} trials)"
+    holdout = fallback.get("holdout") or {}
+    if holdout.get("held_out_feeds"):
+        climbed = f", after climbing {holdout.get('climb_trials', 0)} trials" if holdout.get("climbed") else ""
+        line += (f"; chosen on {holdout['search_feeds']} feeds, confirmed on {holdout['held_out_feeds']} held-out"
+                 f"{climbed}")
+    elif holdout.get("note"):
+        line += f"; nothing held out ({holdout['search_feeds']} feeds)"
+    return line
 
 
 def _mb(count: int) -> str:

@@ -71,6 +71,8 @@ class RunConfig:
     sqnr_top: int = 10
     target: Target | None = None  # the CPU the model is for (None: generic); passes read it from their context
     speed_timer: Any = None  # latencies(models, feed) -> ms; None: ORT, the target's threads (speed.OrtTimer)
+    # Declared output roles (roles.parse_role_specs); the others are inferred.
+    output_roles: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +88,10 @@ class RunResult:
     # False when a step failed with no snapshot to roll back to: the model must not be written.
     model_trusted: bool = True
     target: dict | None = None  # the target CPU and how it was chosen (Target.describe())
+    # Each output's role (declared or inferred, and why), as roles.OutputRole.as_dict().
+    roles: dict = field(default_factory=dict)
+    # The feeds of the final check: "validation" (--validate end) or "evaluation" (--eval-data).
+    final_feeds: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -135,16 +141,27 @@ class Runner:
         self.progress = progress or Progress()
 
     def run(self, model: ir.Model, feeds: list[dict[str, np.ndarray]],
-            calibration_feeds: list[dict[str, np.ndarray]] | None = None) -> RunResult:
+            calibration_feeds: list[dict[str, np.ndarray]] | None = None,
+            eval_feeds: list[dict[str, np.ndarray]] | None = None) -> RunResult:
+        """``feeds`` validate each step (and the mixed-precision search, which holds part of
+        them out); ``eval_feeds``, when given, only check the finished model."""
         config = self.config
         result = RunResult(model=model, steps=[], pipeline=pipeline_text(self.specs),
                            target=config.target.describe() if config.target is not None else None)
-        validator = None
+        self._notes = result.notes
+        validator = final_validator = None
         # Checking each step needs a snapshot per step to roll back to; with --validate end
-        # or off, the original is kept once and checks run after the last pass.
+        # or off, the original is kept once and checks run after the last pass (lossy passes
+        # under a budget are still checked, and searched, on their own).
         self._original = None if self._per_step else take_snapshot(model)
         if config.validate != "off":
-            validator = Validator(self._original or model, feeds, config.tolerance, self.progress)
+            validator = Validator(self._original or model, feeds, config.tolerance, self.progress,
+                                  roles=config.output_roles)
+            result.roles = validator.roles_report()
+            final_validator = validator if config.validate == "end" else None
+            if eval_feeds is not None:
+                final_validator = Validator(self._original or model, eval_feeds, config.tolerance, self.progress,
+                                            roles=validator.roles)
         baseline_problems = set(structural_problems(model)) if config.verify_structure else set()
         if baseline_problems:
             result.notes.append(f"the input model already fails structural checks: {sorted(baseline_problems)[0]}")
@@ -167,17 +184,25 @@ class Runner:
         result.model = model
         if not self._per_step and config.verify_structure and not result.crash:
             result.structure_problems = [p for p in structural_problems(model) if p not in baseline_problems]
-        if validator is not None and config.validate == "end" and not result.crash:
+        if final_validator is not None and not result.crash and result.model_trusted:
             lossy = any(s.fidelity == Fidelity.LOSSY.value and s.status == "ok" for s in result.steps)
-            final = validator.compare(model, config.budget if lossy else None, "final")
+            final = final_validator.compare(model, config.budget if lossy else None, "final")
             if not lossy and not final.equal and final.error is None:
                 final.breaches.append("outputs changed beyond float rounding")
             result.final = final
+            result.final_feeds = "validation" if final_validator is validator else "evaluation"
         return result
 
     @property
     def _per_step(self) -> bool:
         return self.config.validate == "each"
+
+    def _checked(self, pass_) -> bool:
+        """Whether this step is checked on its own: every step with --validate each; with
+        --validate end, lossy steps under a budget (so they can be searched or rolled back)."""
+        if self.config.validate == "each":
+            return True
+        return self.config.validate == "end" and pass_.fidelity == Fidelity.LOSSY and bool(self.config.budget)
 
     def _new_step(self, index: int, spec: PassSpec, context: PassContext) -> StepReport:
         pass_ = spec.make_pass(self.registry, context)
@@ -197,7 +222,8 @@ class Runner:
                 result.notes.append(f"named {named} unnamed nodes before '{spec.name}' so mixed precision can "
                                     "keep nodes in float by name")
         before = model_stats(model)
-        snapshot = take_snapshot(model) if self._per_step else None
+        checked = self._checked(pass_)
+        snapshot = take_snapshot(model) if checked else None
         for instrument in self.instruments:
             instrument.before_pass(step, model)
         start = time.perf_counter()
@@ -228,7 +254,7 @@ class Runner:
         step.modified = bool(pass_result.modified)
         step.stats = _jsonable(pass_result.stats)
         step.before, step.after, step.op_delta = before.as_dict(), after.as_dict(), op_delta(before, after)
-        reason = self._check(step, model, before, after, validator, baseline_problems, pass_.fidelity)
+        reason = self._check(step, model, before, after, validator, baseline_problems, pass_.fidelity, checked)
         if reason and reason.startswith("budget exceeded") and self._can_fall_back(pass_, pass_result.stats):
             model, reason = self._fall_back(spec, pass_, snapshot, model, pass_result.stats, step, context,
                                             validator, reason)
@@ -237,7 +263,8 @@ class Runner:
         if reason:
             return self._fail(step, snapshot, "rolled_back" if pass_.fidelity == Fidelity.LOSSY else "failed",
                               reason, result, model)
-        if pass_.fidelity == Fidelity.LOSSY and step.modified and validator is not None and self.config.sqnr_top:
+        if (pass_.fidelity == Fidelity.LOSSY and step.modified and validator is not None and snapshot is not None
+                and self.config.sqnr_top):
             step.tensor_sqnr = self._worst_tensors(snapshot, model, validator)
         if step.modified:
             context.invalidate()
@@ -245,16 +272,17 @@ class Runner:
             instrument.after_pass(step, model)
         return model, False
 
-    def _check(self, step, model, before: ModelStats, after: ModelStats, validator, baseline_problems, fidelity):
+    def _check(self, step, model, before: ModelStats, after: ModelStats, validator, baseline_problems, fidelity,
+               checked: bool):
         if not step.modified:
             if before.fingerprint() != after.fingerprint():
                 return "the pass reported no change but the model changed"
             return None
-        if self.config.verify_structure and self._per_step:
+        if self.config.verify_structure and checked:
             new_problems = [p for p in structural_problems(model) if p not in baseline_problems]
             if new_problems:
                 return "structural check: " + new_problems[0]
-        if validator is None or self.config.validate != "each":
+        if validator is None or not checked:
             return None
         budget = self.config.budget if fidelity == Fidelity.LOSSY else None
         comparison = validator.compare(model, budget, step.name)
@@ -272,7 +300,7 @@ class Runner:
     def _may_fall_back(self, pass_) -> bool:
         from .fallback import can_exclude_nodes
 
-        return (self.config.mixed_precision and self.config.validate == "each" and bool(self.config.budget)
+        return (self.config.mixed_precision and self.config.validate != "off" and bool(self.config.budget)
                 and pass_.fidelity == Fidelity.LOSSY and can_exclude_nodes(pass_.options))
 
     def _can_fall_back(self, pass_, stats) -> bool:
@@ -281,18 +309,29 @@ class Runner:
         return self._may_fall_back(pass_) and supports_fallback(pass_.options, stats)
 
     def _fall_back(self, spec, pass_, snapshot, model, stats, step, context, validator, reason):
-        """Promote the most sensitive nodes, then keep them in float, until the budget holds (fallback.py)."""
-        from .fallback import promotion_ladder, search
+        """Promote the most sensitive nodes, then keep them in float, until the budget holds
+        (fallback.py), choosing on part of the feeds and confirming on the rest (holdout.py)."""
+        from .fallback import promotion_ladder
+        from .holdout import search_and_confirm
 
         cls = type(pass_)
-        outcome = search(lambda options: cls(options, context=context), pass_.options, snapshot, model, stats,
-                         validator, self.config.budget, validator.feeds, promotion_ladder(pass_))
+        outcome = search_and_confirm(lambda options: cls(options, context=context), pass_.options, snapshot, model,
+                                     stats, validator, self.config.budget, promotion_ladder(pass_))
         step.fallback = {"precision": outcome.precision, "promoted_nodes": outcome.promoted,
                          "float_nodes": outcome.excluded, "trials": _jsonable(outcome.trials),
-                         "sensitivity": _jsonable(outcome.ranking)}
+                         "sensitivity": _jsonable(outcome.ranking), "holdout": _jsonable(outcome.holdout)}
+        holdout = outcome.holdout or {}
+        if holdout.get("note") and outcome.trials:
+            self._notes.append(f"'{spec.name}': {holdout['note']}")
         if outcome.model is None:
             if not outcome.trials:
                 return model, f"{reason} (the pass changed one node: keeping it in float would undo the pass)"
+            if holdout.get("confirmed") is False:
+                return model, (f"{reason}; the search's choice held on {holdout['search_feeds']} search feeds but "
+                               f"not on {holdout['held_out_feeds']} held-out feeds "
+                               f"({'; '.join(holdout.get('held_out_breaches') or [])}), and "
+                               + (f"{holdout['climb_trials']} trials with more precision did not hold on both"
+                                  if holdout.get("climb_trials") else "no higher precision was left to try"))
             tried = max((t["float_nodes"] for t in outcome.trials), default=0)
             promoted = f" ({outcome.precision} for the others)" if outcome.precision and tried else ""
             return model, f"{reason} (still over budget with {tried} nodes kept in float{promoted})"

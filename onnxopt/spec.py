@@ -141,7 +141,7 @@ def parse_recipe(path: str | Path, registry: Registry | None = None) -> list[Pas
 
 
 # Run settings a recipe of the form {pipeline: [...], ...} may carry besides its passes.
-RECIPE_SETTINGS = ("target", "threads")
+RECIPE_SETTINGS = ("target", "threads", "output_roles")
 
 
 def recipe_settings(path: str | Path) -> dict[str, Any]:

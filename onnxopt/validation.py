@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from . import ort_run
-from .metrics import Budget, Tolerance, output_metrics
+from .metrics import Budget, Tolerance, metric_direction
+from .role_metrics import measure
+from .roles import OutputRole, resolve_roles
 
 
 @dataclass
@@ -19,6 +22,12 @@ class Comparison:
     equal: bool = True
     breaches: list[str] = field(default_factory=list)
     error: str | None = None
+    feeds: int = 0
+    roles: dict = field(default_factory=dict)  # set by api.validate_models for its report
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.breaches
 
     def worst(self) -> dict[str, float | None]:
         """The worst value of each metric across outputs."""
@@ -30,7 +39,7 @@ class Comparison:
                 current = worst.get(key)
                 if current is None:
                     worst[key] = value
-                elif key in ("max_abs", "max_rel"):
+                elif metric_direction(key) == "ceiling":
                     worst[key] = max(current, value)
                 else:
                     worst[key] = min(current, value)
@@ -41,16 +50,27 @@ class Validator:
     """Runs the original once, then compares any candidate on the same feeds.
 
     Sessions run with ORT graph optimizations disabled so ORT cannot mask a broken rewrite.
+    Each output is judged by its role (roles.py): ``roles`` declares some, the others are
+    inferred from the reference once, on all feeds, and stay fixed for every comparison.
     """
 
     def __init__(self, reference_model: ir.Model, feeds: list[dict[str, np.ndarray]],
-                 tolerance: Tolerance | None = None, progress=None):
+                 tolerance: Tolerance | None = None, progress=None, roles: dict[str, OutputRole] | None = None):
         self.feeds = feeds
         self.tolerance = tolerance or Tolerance()
         self.progress = progress
         session = ort_run.make_session(reference_model)
         self.output_names = [o.name for o in session.get_outputs()]
         self.reference = self._run(session, "reference")
+        self.roles = resolve_roles(roles or {}, self.output_names, self.reference, reference_model,
+                                   feeds[0] if feeds else None)
+
+    def subset(self, indices: list[int]) -> Validator:
+        """The same reference and roles on some of the feeds (a search or held-out split)."""
+        view = copy.copy(self)
+        view.feeds = [self.feeds[i] for i in indices]
+        view.reference = {name: [values[i] for i in indices] for name, values in self.reference.items()}
+        return view
 
     def _run(self, session, label: str) -> dict[str, list[np.ndarray]]:
         per_output: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
@@ -74,6 +94,9 @@ class Validator:
         return {name for name in self.output_names
                 if self.reference[name] and (self.reference[name][0].shape, self.reference[name][0].dtype) in shapes}
 
+    def roles_report(self) -> dict[str, dict]:
+        return {name: role.as_dict() for name, role in self.roles.items()}
+
     def outputs_of(self, model: ir.Model, label: str = "candidate") -> dict[str, list[np.ndarray]]:
         session = ort_run.make_session(model)
         names = [o.name for o in session.get_outputs()]
@@ -87,13 +110,16 @@ class Validator:
         try:
             candidate = self.outputs_of(model, label)
         except (InputError, ValueError) as exc:
-            return Comparison(equal=False, error=str(exc), breaches=[str(exc)])
-        result = Comparison()
-        carried = self.carried_state()
+            return Comparison(equal=False, error=str(exc), breaches=[str(exc)], feeds=len(self.feeds))
+        return self.judge(candidate, budget)
+
+    def judge(self, candidate: dict[str, list[np.ndarray]], budget: Budget | None = None) -> Comparison:
+        """Compare candidate outputs (per output, per feed) with the reference."""
+        result = Comparison(feeds=len(self.feeds))
         for name in self.output_names:
-            result.metrics[name] = output_metrics(self.reference[name], candidate[name], decisions=name not in carried)
+            result.metrics[name] = measure(self.roles[name], self.reference[name], candidate[name])
             if not self.tolerance.allows(self.reference[name], candidate[name]):
                 result.equal = False
         if budget:
-            result.breaches = budget.breaches(result.metrics)
+            result.breaches = budget.breaches(result.metrics, self.roles)
         return result

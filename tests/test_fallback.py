@@ -37,13 +37,30 @@ def test_static_quantization_over_budget_promotes_a_node_to_int16(tmp_path):
 def test_static_int16_has_nothing_higher_and_keeps_nodes_in_float(tmp_path):
     model, data = _mlp_with_calibration(tmp_path)
     spec = "quantize-static:min_reduction=16,activation_type=int16,weight_type=int8"
-    step = api.optimize(model, tmp_path / "a.onnx", [spec], data=data, budget="snr_db=45").report["passes"][0]
+    # (at snr_db=45, 2 nodes in float hold on the 12 search feeds but not on the 4 held out)
+    step = api.optimize(model, tmp_path / "a.onnx", [spec], data=data, budget="snr_db=43").report["passes"][0]
     assert step["status"] == "ok", step["reason"]
     fallback = step["fallback"]
     assert fallback["precision"] is None and fallback["promoted_nodes"] == []
     assert {t["stage"] for t in fallback["trials"]} <= {"float", "refine"} and len(fallback["float_nodes"]) in (1, 2)
     assert not set(fallback["float_nodes"]) & set(step["stats"]["quantized_nodes"])
-    assert min(m["snr_db"] for m in step["fidelity_metrics"].values()) >= 45
+    assert min(m["snr_db"] for m in step["fidelity_metrics"].values()) >= 43
+    assert step["fallback"]["holdout"]["confirmed"] and step["fallback"]["holdout"]["held_out_feeds"] == 4
+
+
+def test_a_choice_that_fails_the_held_out_feeds_climbs_until_both_hold(tmp_path):
+    model, data = _mlp_with_calibration(tmp_path)
+    spec = "quantize-static:min_reduction=16,activation_type=int16,weight_type=int8"
+    step = api.optimize(model, tmp_path / "a.onnx", [spec], data=data, budget="snr_db=44").report["passes"][0]
+    assert step["status"] == "ok", step["reason"]
+    holdout = step["fallback"]["holdout"]
+    assert (holdout["search_feeds"], holdout["held_out_feeds"]) == (12, 4)
+    # one node in float held on the 12 search feeds only; the climb kept a second one in float
+    assert holdout["held_out_breaches"] and holdout["held_out_breaches"][0].startswith("probs: snr_db")
+    assert [(t["stage"], t["float_nodes"], t["ok"]) for t in step["fallback"]["trials"]] == [
+        ("float", 1, True), ("climb", 2, True)]
+    assert holdout["climbed"] and holdout["confirmed"] and len(step["fallback"]["float_nodes"]) == 2
+    assert holdout["held_out"]["snr_db"] >= 44 and holdout["search"]["snr_db"] >= 44
 
 
 def test_weight_quantization_over_budget_keeps_nodes_in_float_or_rolls_back(tmp_path):
@@ -87,3 +104,38 @@ def test_halving_narrows_a_ranked_choice_to_the_nodes_that_decide():
     both = _halve(lambda part: {"n1", "n6"} <= set(part), names, lambda: True)
     assert {"n1", "n6"} <= set(both)  # neither half holds alone: it stops with both
     assert _halve(lambda part: True, names, lambda: False) == names  # no trials left: unchanged
+
+
+def test_validate_end_still_searches_a_lossy_pass_over_budget(tmp_path):
+    model, data = _mlp_with_calibration(tmp_path)
+    result = api.optimize(model, tmp_path / "a.onnx", ["quantize-static:min_reduction=16"], data=data,
+                          budget="snr_db=40", validate="end")
+    step = result.report["passes"][0]
+    assert result.ok and step["status"] == "ok", step["reason"]
+    assert step["fallback"]["promoted_nodes"] and step["fallback"]["holdout"]["confirmed"]
+    final = result.report["final_validation"]
+    assert final["feeds"] == "validation" and not final["breaches"] and (tmp_path / "a.onnx").exists()
+
+
+def test_validate_end_over_budget_exits_1_and_says_why(tmp_path, capsys):
+    from onnxopt.cli import main
+
+    model, data = _mlp_with_calibration(tmp_path)
+    code = main(["optimize", str(model), "-o", str(tmp_path / "a.onnx"), "-p", "quantize-weights:bits=2,min_elements=16",
+                 "--data", str(data), "--budget", "max_abs=0", "--validate", "end", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and not (tmp_path / "a.onnx").exists()
+    assert "rolled back: budget exceeded: probs: max_abs" in err[0] and "still over budget" in err[0]
+
+
+def test_eval_data_checks_only_the_finished_model(tmp_path):
+    model, data = _mlp_with_calibration(tmp_path)
+    held = tmp_path / "eval.npz"
+    np.savez(held, x=np.random.default_rng(1).standard_normal((6, 4, 100)).astype(np.float32))
+    result = api.optimize(model, tmp_path / "a.onnx", ["quantize-static:min_reduction=16"], data=data, eval_data=held,
+                          budget="snr_db=40")
+    step = result.report["passes"][0]
+    assert step["fallback"]["holdout"]["search_feeds"] == 12  # the search saw the --data feeds only
+    final = result.report["final_validation"]
+    assert (final["feeds"], final["count"]) == ("evaluation", 6) and result.report["inputs"]["eval_feeds"] == 6
+    assert result.ok == (not final["breaches"]) and (tmp_path / "a.onnx").exists() == result.ok

@@ -97,10 +97,20 @@ def test_dump_dir_writes_each_pass(mlp_path, tmp_path):
     assert sorted(p.name for p in (tmp_path / "dumps").iterdir()) == ["000_name-nodes.onnx", "001_perturb-weights.onnx"]
 
 
-def test_validate_end_checks_only_the_final_model(mlp_path, tmp_path):
+def test_validate_end_checks_lossless_passes_only_on_the_final_model(mlp_path, tmp_path):
+    result = _optimize(mlp_path, tmp_path, ["name-nodes", "perturb-weights:scale=0.0001"], validate="end",
+                       budget="snr_db=40")
+    lossless, lossy = result.report["passes"]
+    assert lossless["fidelity_metrics"] is None and lossy["fidelity_metrics"]["probs"]["snr_db"] >= 40
+    assert result.ok and result.run.final.ok and result.report["final_validation"]["feeds"] == "validation"
+
+
+def test_validate_end_still_checks_a_lossy_pass_over_budget_and_says_why(mlp_path, tmp_path):
+    # --validate end used to skip the lossy step's own check and fail the final one with no model
     result = _optimize(mlp_path, tmp_path, ["perturb-weights:scale=0.5"], validate="end", budget="snr_db=40")
-    assert result.report["passes"][0]["fidelity_metrics"] is None
-    assert not result.ok and result.run.final.breaches
+    step = result.report["passes"][0]
+    assert step["status"] == "rolled_back" and "budget exceeded: probs: snr_db" in step["reason"]
+    assert not result.ok and "rolled back" in api.failure_summary(result.run)
 
 
 def test_report_schema(mlp_path, tmp_path):
