@@ -24,6 +24,8 @@ from collections import deque
 
 import numpy as np
 
+from onnxopt.role_metrics import pooled  # one vector per sequence, as the embedding role pools
+
 Arrays = list[np.ndarray]
 Box = tuple[int, int, int, int]  # y0, x0, y1, x1, half-open
 
@@ -163,18 +165,6 @@ def vad_agreement(reference: Arrays, candidate: Arrays, threshold: float = VAD_T
     ref = np.concatenate([np.ravel(r) for r in reference]) > threshold
     cand = np.concatenate([np.ravel(c) for c in candidate]) > threshold
     return float(np.mean(ref == cand)) if ref.size else 1.0
-
-
-def pooled(outputs: Arrays) -> np.ndarray:
-    """One vector per sequence: ``[B, D]`` as is, ``[B, S, D]`` mean-pooled over S; stacked."""
-    vectors = []
-    for out in outputs:
-        out = np.asarray(out, np.float64)
-        if out.ndim > 2:
-            vectors.append(out.reshape(out.shape[0], -1, out.shape[-1]).mean(axis=1))
-        else:
-            vectors.append(out.reshape(-1, out.shape[-1]))
-    return np.concatenate(vectors)
 
 
 def nearest_neighbours(vectors: np.ndarray) -> np.ndarray:

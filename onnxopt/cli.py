@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(opt)
     opt.add_argument("--eval-data", help="separate evaluation feeds (default: the --data feeds)")
     opt.add_argument("--budget", help="fidelity budget for lossy passes, e.g. snr_db=30,cosine=0.999,agreement=0.99 "
-                          "(default cosine=0.99,agreement=0.99,sequence_agreement=0.99; 'none' for report-only)")
+                          "(default: each output role's floors, see --output-role; 'default,KEY=V' keeps them and "
+                          "overrides one; 'none' for report-only)")
     opt.add_argument("--validate", choices=("each", "end", "off"), default="each",
                      help="check outputs after each pass (default), once at the end (lossy passes under a budget "
                           "are still checked and searched on their own), or never")

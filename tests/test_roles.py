@@ -193,3 +193,23 @@ def test_budget_keys_override_role_floors_and_model_metrics_register():
     budget = Budget.parse("test_ratio=1.2")
     assert budget.breaches({"y": {"cosine": 0.5}}, model_metrics={"test_ratio": 1.1}) == ["test_ratio 1.1 < 1.2"]
     assert budget.limits_for(boxes) == {}
+
+
+def test_validate_command_reports_roles_and_judges_by_them(mlp_path, tmp_path, capsys):
+    import json
+
+    from onnxopt.cli import main
+
+    code = main(["validate", str(mlp_path), str(mlp_path), "--budget", "default", "--output-role", "probs=raw",
+                 "--json"])
+    shown = json.loads(capsys.readouterr().out)
+    assert code == 0 and shown["roles"]["probs"]["role"] == "raw" and shown["roles"]["probs"]["declared"]
+    assert "agreement" not in shown["metrics"]["probs"]
+
+
+def test_with_few_feeds_the_search_holds_nothing_out_and_says_so(mlp_path, tmp_path):
+    result = api.optimize(mlp_path, tmp_path / "o.onnx", ["quantize-weights:bits=2,min_elements=16"],
+                          budget="snr_db=25", keep_going=True)  # 4 generated feeds
+    holdout = result.report["passes"][0]["fallback"]["holdout"]
+    assert holdout["held_out_feeds"] == 0 and holdout["confirmed"] is None
+    assert any("only 4 validation feeds" in note and "nothing was held out" in note for note in result.report["notes"])
