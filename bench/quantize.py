@@ -110,6 +110,8 @@ def candidates(name: str) -> dict[str, dict]:
 
 
 DEFAULT_SKIP = {"ort-static-minmax-raw", "ort-dynamic-raw"}
+BENCH_TARGET = "auto"  # --target: the CPU onnxopt's kernel choices are for (onnxopt/target.py)
+
 
 
 def task_of(name: str) -> str:
@@ -133,7 +135,7 @@ def worker(job: dict) -> None:
         declared = job.get("roles") and "output_roles" in inspect.signature(api.optimize).parameters
         roles = {"output_roles": job["roles"]} if declared else {}
         run = api.optimize(job["src"], job["dst"], job["passes"], data=job["calib"], budget=job["budget"],
-                           validate="each", **roles)
+                           validate="each", target=job.get("target"), **roles)
         result = _onnxopt_summary(run)
     elif job.get("preprocess", True):
         _ort_preprocess(job, result)
@@ -202,6 +204,10 @@ def _onnxopt_summary(run) -> dict:
         if step.get("fallback"):
             summary["float_nodes"] += len(step["fallback"].get("float_nodes") or [])
             summary["fallback_trials"] = len(step["fallback"].get("trials") or [])
+        if step.get("speed"):  # the runner's own speed check (speed.py): its ratio and any placement it took
+            summary["own_speedup"] = step["speed"]["speedup"]
+            if step["speed"].get("placement"):
+                summary["own_placement"] = step["speed"]["placement"]
         if step["status"] != "ok":
             summary["error"] = f"{step['status']}: {(step.get('reason') or '')[:160]}"
     if not run.ok and "error" not in summary:
@@ -330,7 +336,8 @@ def bench_model(name: str, workdir: Path, calib_count: int, eval_count: int, rou
         if (only and cand not in only) or (not only and cand in DEFAULT_SKIP):
             continue
         dst = workdir / f"{name}.{cand}.onnx"
-        job = dict(job, src=str(src), dst=str(dst), calib=str(calib), budget=None, roles=ROLES.get(name))
+        job = dict(job, src=str(src), dst=str(dst), calib=str(calib), budget=None, roles=ROLES.get(name),
+                   target=BENCH_TARGET)
         print(f"  {name}: {cand} ...", file=sys.stderr, flush=True)
         result = common.run_child(Path(__file__), [json.dumps(job)])
         row = {"model": name, "tool": cand, **result}
@@ -644,7 +651,11 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--target", default="auto", help="onnxopt's target CPU: auto (this machine) or a name "
+                        "from onnxopt.target.TARGETS (ORT candidates and the timings always run on this machine)")
     args = parser.parse_args()
+    global BENCH_TARGET
+    BENCH_TARGET = args.target
     if args.worker:
         worker(json.loads(args.worker))
         return 0
@@ -658,6 +669,10 @@ def main() -> int:
     rows: list[dict] = []
     for line in common.machine_lines():
         print(line)
+    if args.target != "auto":
+        from onnxopt.target import resolve
+
+        print(f"onnxopt candidates quantize for --target {resolve(args.target).name} (timings run on this machine)")
     print()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxopt-qbench-") as tmp:

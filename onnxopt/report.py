@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .reproducer import versions
 from .runner import RunResult, _jsonable
+from .target import choices_text
 
 REPORT_VERSION = 1
 
@@ -118,8 +119,7 @@ def render_table(report: dict, console=None) -> None:
         table.add_row(str(step["index"]), step["spec"], f"[{style}]{status}[/{style}]", f"{step['seconds']:.2f}s",
                       nodes, weights, _fmt_metric(step.get("fidelity_metrics")))
         if step.get("kernel_choices") and step["status"] == "ok" and step["modified"]:
-            reasons.append(f"#{step['index']} {step['name']}: " + ", ".join(
-                f"{k}={v}" for k, v in step["kernel_choices"].items()))
+            reasons.append(f"#{step['index']} {step['name']}: {choices_text(step['kernel_choices'])}")
         if step.get("speed") and step["status"] == "ok":
             reasons.append(f"#{step['index']} {step['name']}: {_speed_summary(step['speed'])}")
         if step.get("reason") and step["status"] != "skipped":
@@ -156,7 +156,7 @@ def _speed_summary(speed: dict) -> str:
     if speed.get("placement"):
         text += f" with {speed['placement']} (first placement {_num(speed.get('first_speedup'), 0.0):.2f}x)"
     if speed.get("slower_than_reference"):
-        text += ": SLOWER than before"
+        text += ": slower"
     return text
 
 

@@ -125,7 +125,7 @@ def check(pass_name: str, make_pass, options, ladder: list[tuple[dict, str]], be
         if speed.speedup >= need:
             break
     tried = "; ".join(f"{t['placement']}: " + (f"{t['speedup']:.2f}x" if "speedup" in t else
-                                                "no change" if not t["modified"] else "over budget")
+                                                "quantizes nothing" if not t["modified"] else "over budget")
                       for t in report["trials"]) or "none to try"
     outcome = SpeedOutcome(report)
     if best is not None and best[0].speedup > first.speedup:

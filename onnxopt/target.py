@@ -65,13 +65,15 @@ class Target:
             "symmetric_activations": (False, "the kernels take any activation zero point"),
             "reduce_range": (False, "uint8 weights where activations are centred avoid the saturation"
                              if self.u8s8_saturates else "int32 accumulation: no saturation"),
-            "weight_type": ("auto", self._static_weights()),
+            "weight_type": ("auto", *self._static_weights()),
         }
 
-    def _static_weights(self) -> str:
+    def _static_weights(self) -> tuple[str, str]:
+        """(why, what ``auto`` means here)."""
         if self.u8s8_saturates:
-            return "uint8 where the uint8 activation is centred (u8u8, exact), else int8 (u8s8)"
-        return "int8 (u8s8/s8s8 accumulate in int32, no saturation)"
+            return ("u8s8 saturates (VPMADDUBSW): a centred uint8 activation (zero point above 64) gets uint8 "
+                    "weights (exact u8u8 kernels), others int8", "uint8 where centred, else int8")
+        return "u8s8/s8s8 accumulate in int32: no saturation", "int8"
 
     def dynamic_defaults(self, weight_type: str) -> dict[str, tuple[object, str]]:
         """quantize-dynamic option -> (value, why); ``weight_type`` is the user's value or ``auto``."""
@@ -174,19 +176,29 @@ def resolve(spec: str | Target | None = "auto", threads: int | None = None, cpui
 GENERIC = TARGETS["generic"]
 
 
-def apply_defaults(options, defaults: dict[str, tuple[object, str]], target: Target, unset=("auto", None)):
+def apply_defaults(options, defaults: dict[str, tuple], target: Target, unset=("auto", None)):
     """``(options, choices)``: each option still at an unset value (``auto``/None) takes the target's
-    value; ``choices`` says, per option, the value used and where it came from."""
+    value. ``defaults`` maps option -> (value, why) or (value, why, shown), ``shown`` being what the
+    value means when it is a mode such as ``auto``. ``choices`` maps option -> {value, source, why}."""
     changes, choices = {}, {}
-    for name, (value, why) in defaults.items():
+    for name, (value, why, *shown) in defaults.items():
         current = getattr(options, name)
-        if current in unset and current != value:
-            changes[name] = value
         if current in unset:
-            choices[name] = f"{_text(value)} (target {target.name}: {why})"
+            if current != value:
+                changes[name] = value
+            choices[name] = {"value": shown[0] if shown else _text(value), "source": f"target {target.name}",
+                             "why": why}
         else:
-            choices[name] = f"{_text(current)} (option)"
+            choices[name] = {"value": _text(current), "source": "option", "why": "set explicitly"}
     return dataclasses.replace(options, **changes) if changes else options, choices
+
+
+def choices_text(choices: dict[str, dict]) -> str:
+    """``weight_type=int8, reduce_range=false (target avx512-vnni); activation_type=int8 (option)``."""
+    by_source: dict[str, list[str]] = {}
+    for name, choice in choices.items():
+        by_source.setdefault(choice["source"], []).append(f"{name}={choice['value']}")
+    return "; ".join(f"{', '.join(items)} ({source})" for source, items in by_source.items())
 
 
 def _text(value) -> str:

@@ -121,6 +121,7 @@ def test_static_quantization_reports_the_measured_ratio(tmp_path):
     data = tmp_path / "d.npz"
     np.savez(data, x=np.stack([f["x"] for f in feeds()]))
     result = api.optimize(path, None, ["quantize-static:min_reduction=0"], data=data, budget="cosine=0.9",
-                          target="avx2")
+                          target="avx2", threads=2)
     speed = result.report["passes"][0]["speed"]
-    assert speed["threads"] == 1 and speed["speedup"] > 0 and speed["reference_ms"] > 0
+    assert speed["threads"] == 2 and speed["speedup"] > 0 and speed["reference_ms"] > 0
+    assert result.report["target"]["threads"] == 2

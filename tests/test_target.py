@@ -94,13 +94,14 @@ def test_dynamic_weights_follow_the_target_and_an_explicit_option_wins():
     avx2_pass = QuantizeDynamicPass(QuantizeDynamicOptions(min_reduction=0), context=context("avx2"))
     avx2_pass(avx2)
     assert weight_dtypes(avx2, "MatMulInteger") == {ir.DataType.UINT8}
-    assert avx2_pass.kernel_choices["weight_type"].startswith("uint8 (target avx2")
+    assert avx2_pass.kernel_choices["weight_type"]["value"] == "uint8"
+    assert avx2_pass.kernel_choices["weight_type"]["source"] == "target avx2"
     explicit = matmul_model()
     chosen = QuantizeDynamicPass(QuantizeDynamicOptions(min_reduction=0, weight_type="uint8"),
                                  context=context("avx512-vnni"))
     chosen(explicit)
     assert weight_dtypes(explicit, "MatMulInteger") == {ir.DataType.UINT8}
-    assert chosen.kernel_choices["weight_type"] == "uint8 (option)" and result.modified
+    assert chosen.kernel_choices["weight_type"]["source"] == "option" and result.modified
 
 
 def test_int8_dynamic_weights_on_a_saturating_target_get_seven_bits():
@@ -108,7 +109,9 @@ def test_int8_dynamic_weights_on_a_saturating_target_get_seven_bits():
     chosen = QuantizeDynamicPass(QuantizeDynamicOptions(min_reduction=0, weight_type="int8"), context=context("avx2"))
     chosen(model)
     weight = next(n for n in model.graph if n.op_type == "MatMulInteger").inputs[1].const_value.numpy()
-    assert np.abs(weight).max() <= 64 and chosen.kernel_choices["reduce_range"].startswith("true (target avx2")
+    assert np.abs(weight).max() <= 64
+    assert chosen.kernel_choices["reduce_range"] == {"value": "true", "source": "target avx2",
+                                                     "why": "7-bit int8 weights keep u8s8 pair sums inside int16"}
     feed = centred_feeds(1)[0]
     got, want = run_ort(model, feed)[0], run_ort(reference, feed)[0]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.03  # 7 bits: about 1% noise
@@ -136,6 +139,14 @@ def test_static_weights_and_activations_follow_the_target():
         np.testing.assert_allclose(run_ort(model, feeds[0])[0], run_ort(matmul_model(), feeds[0])[0], atol=0.3)
 
 
+def test_static_choices_say_what_auto_weights_mean_on_each_target():
+    avx2 = QuantizeStaticPass(context=context("avx2"))
+    vnni = QuantizeStaticPass(activation_type="int8", context=context("avx512-vnni"))
+    assert avx2.kernel_choices["weight_type"]["value"] == "uint8 where centred, else int8"
+    assert target.choices_text(vnni.kernel_choices).startswith("activation_type=int8 (option); ")
+    assert "weight_type=int8 (target avx512-vnni)" in target.choices_text(vnni.kernel_choices)
+
+
 def test_without_a_runner_target_the_passes_assume_generic():
     pass_ = QuantizeDynamicPass(min_reduction=0)
     assert pass_.target.name == "generic" and pass_.options.weight_type == "uint8"
@@ -148,11 +159,13 @@ def test_the_report_and_table_name_the_target_and_each_choice(tmp_path, capsys):
                  "--target", "avx512-vnni", "--report", str(tmp_path / "r.json"), "--budget", "none"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "target: avx512-vnni (--target)" in out and "weight_type=int8 (target avx512-vnni" in out
+    assert "target: avx512-vnni (--target)" in out
+    assert "weight_type=int8, reduce_range=false (target avx512-vnni)" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["target"]["name"] == "avx512-vnni" and report["target"]["chosen_by"] == "--target"
     step = report["passes"][0]
-    assert step["kernel_choices"]["weight_type"].startswith("int8 (target avx512-vnni")
+    assert step["kernel_choices"]["weight_type"]["value"] == "int8"
+    assert "the speed of the model before it (ORT, 1 thread)" in out and step["speed"]["threads"] == 1
     quantized = ir.load(tmp_path / "out.onnx")
     assert weight_dtypes(quantized, "MatMulInteger") == {ir.DataType.INT8}
 
