@@ -113,7 +113,6 @@ DEFAULT_SKIP = {"ort-static-minmax-raw", "ort-dynamic-raw"}
 BENCH_TARGET = "auto"  # --target: the CPU onnxopt's kernel choices are for (onnxopt/target.py)
 
 
-
 def task_of(name: str) -> str:
     if name in EMBEDDING_MODELS:
         return "embedding"

@@ -42,6 +42,7 @@ def build_report(result: RunResult, *, model_path: str | None, output_path: str 
         "notes": result.notes,
         "passes": [dataclasses.asdict(step) for step in result.steps],
         "final_validation": final,
+        "final_speed": result.speed,
     }
 
 

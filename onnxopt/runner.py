@@ -92,6 +92,7 @@ class RunResult:
     roles: dict = field(default_factory=dict)
     # The feeds of the final check: "validation" (--validate end) or "evaluation" (--eval-data).
     final_feeds: str | None = None
+    speed: dict | None = None  # --validate end without a budget: the final model's speed-up against the input
 
     @property
     def ok(self) -> bool:
@@ -191,7 +192,31 @@ class Runner:
                 final.breaches.append("outputs changed beyond float rounding")
             result.final = final
             result.final_feeds = "validation" if final_validator is validator else "evaluation"
+            if lossy and final.error is None and self._timed_at_end(result):
+                self._final_speed(model, validator, result)
         return result
+
+    def _timed_at_end(self, result: RunResult) -> bool:
+        """--validate end with steps that were not checked on their own (no budget): time the final
+        model when a step that measures speed changed it (no snapshot to time each step against)."""
+        if self.config.validate != "end":
+            return False
+        timed = {name for name in self.registry.names() if getattr(self.registry.get(name), "measures_speed", False)}
+        changed = [s for s in result.steps if s.status == "ok" and s.modified and s.speed is None]
+        return any(s.name in timed for s in changed) or (bool(changed) and
+                                                         self.config.budget.value("speedup") is not None)
+
+    def _final_speed(self, model, validator, result: RunResult) -> None:
+        from . import speed
+
+        threads = self.config.target.threads if self.config.target is not None else 1
+        timer = self.config.speed_timer or speed.OrtTimer(threads=threads)
+        measured = speed.measure(self._original, model, speed.largest_feed(validator.feeds), timer)
+        result.speed = {"speedup": measured.speedup, "reference_ms": measured.reference_ms,
+                        "candidate_ms": measured.candidate_ms, "threads": threads,
+                        "slower_than_reference": measured.speedup < 1.0}
+        if measured.speedup < 1.0:
+            result.notes.append(f"the final model runs at {measured.speedup:.2f}x the speed of the input: slower")
 
     @property
     def _per_step(self) -> bool:
@@ -342,7 +367,8 @@ class Runner:
         return outcome.model, None
 
     def _measures_speed(self, pass_, snapshot) -> bool:
-        if snapshot is None or self.config.validate != "each" or pass_.fidelity != Fidelity.LOSSY:
+        """A checked lossy step (it has a snapshot to time against and to roll back to)."""
+        if snapshot is None or self.config.validate == "off" or pass_.fidelity != Fidelity.LOSSY:
             return False
         return pass_.measures_speed or self.config.budget.value("speedup") is not None
 

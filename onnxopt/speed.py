@@ -32,7 +32,7 @@ DEFAULT_ROUNDS = 7
 class OrtTimer:
     """Median per-run latency (ms) of each model in ORT with all optimizations, runs alternating."""
 
-    def __init__(self, threads: int = 1, rounds: int = DEFAULT_ROUNDS, per_round: int = 3,
+    def __init__(self, threads: int = 1, rounds: int = DEFAULT_ROUNDS, per_round: int = 2,
                  clock: Callable[[], float] = time.perf_counter):
         self.threads, self.rounds, self.per_round, self.clock = threads, rounds, per_round, clock
 

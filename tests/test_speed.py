@@ -125,3 +125,17 @@ def test_static_quantization_reports_the_measured_ratio(tmp_path):
     speed = result.report["passes"][0]["speed"]
     assert speed["threads"] == 2 and speed["speedup"] > 0 and speed["reference_ms"] > 0
     assert result.report["target"]["threads"] == 2
+
+
+def test_validate_end_checks_a_lossy_step_on_its_own_and_times_unchecked_ones_at_the_end():
+    def run_end(budget):
+        config = RunConfig(validate="end", budget=Budget.parse(budget), target=target.resolve("avx512-vnni"),
+                           speed_timer=FakeTimer(base=5.0, per_q=4.0))
+        return Runner(parse_pipeline(["quantize-static:min_reduction=0"]), config).run(model(), feeds())
+
+    searched = run_end("cosine=0.9,speedup=1.5")  # a budget: the step is checked, searched and rolled back
+    assert searched.steps[0].status == "rolled_back" and "speedup 1.11x < 1.5" in searched.steps[0].reason
+    assert searched.speed is None
+    unchecked = run_end("none")  # no budget: no per-step check, the final model is timed
+    assert unchecked.speed["speedup"] == pytest.approx(10 / 13) and unchecked.speed["slower_than_reference"]
+    assert any("0.77x the speed of the input" in note for note in unchecked.notes)
