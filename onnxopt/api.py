@@ -67,7 +67,8 @@ def make_feeds(model: ir.Model, data: str | Path | None, dims: dict[str, int] | 
     if data:
         return load_data(data, specs, limit=samples), str(data)
     count = samples or DEFAULT_SAMPLE_COUNT
-    return generate_feeds(specs, count=count, seed=seed, dims=dims), f"generated ({count} samples, seed {seed})"
+    rules = "".join(f"; {s.name} {s.rule}" for s in specs if s.rule)
+    return generate_feeds(specs, count=count, seed=seed, dims=dims), f"generated ({count} samples, seed {seed}{rules})"
 
 
 def optimize(
@@ -117,7 +118,8 @@ def optimize(
         raise UsageError(f"--validate must be each, end or off, not '{validate}'")
     if output is not None:
         _check_output_path(Path(model_path), Path(output), in_place)
-    model = load_model(model_path)
+    load_notes: list[str] = []
+    model = load_model(model_path, notes=load_notes)
     feeds, source = make_feeds(model, data, dims, samples)
     eval_feeds = None
     if eval_data:
@@ -137,6 +139,7 @@ def optimize(
     with _hint_on_generated_inputs(not data):
         run = Runner(specs, config, instruments, registry=registry, progress=progress).run(model, feeds, feeds,
                                                                                           eval_feeds)
+    run.notes[:0] = load_notes
     written = None
     final_failed = run.final is not None and bool(run.final.error or run.final.breaches)
     if output is not None and not run.crash and run.model_trusted and not run.structure_problems \
@@ -181,11 +184,16 @@ def _hint_on_generated_inputs(generated: bool):
     try:
         yield
     except InputError as exc:
-        if not generated or not str(exc).startswith("ONNX Runtime failed to run"):
+        if not str(exc).startswith("ONNX Runtime failed to run"):
             raise
+        from .feeds import reference_failure
+
+        if not generated or reference_failure(str(exc)):
+            raise InputError(reference_failure(str(exc)) or f"{exc} (the original model; --validate off skips "
+                             "running it)") from None
         raise InputError(f"{exc} (the inputs were generated: symbolic dims are {DEFAULT_LEADING_DIM} "
                          f"for the first axis and {DEFAULT_OTHER_DIM} elsewhere; give real sizes with --dim NAME=VALUE or "
-                         "INPUT.AXIS=VALUE, or real inputs with --data)") from None
+                         "INPUT.AXIS=VALUE, or real inputs with --data; --validate off skips running it)") from None
 
 
 def _check_output_path(model_path: Path, output: Path, in_place: bool) -> None:

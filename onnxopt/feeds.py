@@ -14,6 +14,8 @@ leading dimension defaults to 1 and any other symbolic dimension to 32.
 
 from __future__ import annotations
 
+import math
+import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,10 +25,14 @@ import numpy as np
 import onnx_ir as ir
 
 from .errors import InputError
+from .feed_rules import value_rule
 
 DEFAULT_LEADING_DIM = 1
 DEFAULT_OTHER_DIM = 32
 DEFAULT_SAMPLE_COUNT = 4
+DEFAULT_INT_LOW, DEFAULT_INT_HIGH = 0, 4
+# Generated inputs larger than this in total (all samples of one input) are refused.
+MAX_GENERATED_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,11 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...] | None
+    # Value rule for generated inputs (feed_rules.py): integers in [low, high), or all ones.
+    low: int | None = None
+    high: int | None = None
+    ones: bool = False
+    rule: str = ""
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
@@ -46,7 +57,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         shape = None
         if value.shape is not None:
             shape = tuple(_dim(d) for d in value.shape)
-        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape, **value_rule(value, np.dtype(dtype))))
     return specs
 
 
@@ -148,29 +159,80 @@ def concrete_shape(spec: InputSpec, dims: dict[str, int]) -> tuple[int, ...]:
 
 def generate_feeds(specs: list[InputSpec], count: int = DEFAULT_SAMPLE_COUNT, seed: int = 0,
                    dims: dict[str, int] | None = None) -> list[dict[str, np.ndarray]]:
-    """Seeded random feeds honouring dtypes and shapes: floats ~ N(0, 1), integers in [0, 4), bools."""
+    """Seeded random feeds honouring dtypes, shapes and each input's value rule (feed_rules.py):
+    floats ~ N(0, 1), integers in [0, 4) or inside the table they index, masks all ones."""
     rng = np.random.default_rng(seed)
     dims = dims or {}
+    shapes = {spec.name: concrete_shape(spec, dims) for spec in specs}
+    for spec in specs:
+        _check_generated_size(spec, shapes[spec.name], count)
     feeds = []
     for _ in range(count):
-        feed = {}
-        for spec in specs:
-            shape = concrete_shape(spec, dims)
-            feed[spec.name] = _random_array(rng, spec.dtype, shape)
-        feeds.append(feed)
+        feeds.append({spec.name: _random_array(rng, spec, shapes[spec.name]) for spec in specs})
     return feeds
 
 
-def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    if dtype == np.bool_:
-        return np.asarray(rng.random(shape) < 0.5)  # a 0-d array, not a numpy scalar ORT refuses
-    if np.issubdtype(dtype, np.integer):
-        return rng.integers(0, 4, size=shape).astype(dtype)
-    if np.issubdtype(dtype, np.floating) or dtype.kind == "V":
-        return rng.standard_normal(shape).astype(dtype)
+def _check_generated_size(spec: InputSpec, shape: tuple[int, ...], count: int) -> None:
+    elements = math.prod(shape)
+    nbytes = elements * _itemsize(spec.dtype)
+    if nbytes * count > MAX_GENERATED_BYTES:
+        raise InputError(
+            f"input '{spec.name}' has shape {list(shape)}: {elements:,} elements ({_human(nbytes)} per sample) is "
+            f"too large to generate (limit {_human(MAX_GENERATED_BYTES)} for {count} samples); give real inputs "
+            "with --data, or smaller sizes with --dim for symbolic axes")
+
+
+def _itemsize(dtype: np.dtype) -> float:
+    if dtype == object:
+        return 8.0
+    try:
+        return ir.DataType.from_numpy(dtype).itemsize
+    except TypeError:
+        return float(dtype.itemsize)
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:,.0f} {unit}" if unit == "bytes" else f"{nbytes:,.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} PiB"
+
+
+def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, ...]) -> np.ndarray:
+    """One array (0-d included) of ``spec.dtype``; ml_dtypes arrays for bfloat16, float8, int4, int2."""
+    dtype = spec.dtype
     if dtype.kind in "US" or dtype == object:
         return np.array(rng.choice(["a", "b", "c"], size=shape), dtype=object)
-    raise InputError(f"cannot generate inputs of type {dtype}; give data with --data")
+    try:
+        ir_dtype = ir.DataType.from_numpy(dtype)
+    except TypeError:
+        raise InputError(f"cannot generate inputs of type {dtype} for '{spec.name}'; give data with --data") from None
+    if spec.ones:
+        return np.ones(shape, dtype)
+    if ir_dtype == ir.DataType.BOOL:
+        return np.asarray(rng.random(shape) < 0.5)
+    if ir_dtype.is_integer():
+        low, high = integer_range(ir_dtype, spec.low, spec.high)
+        return np.asarray(rng.integers(low, high, size=shape)).astype(dtype)
+    if ir_dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128):
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+    if ir_dtype.is_floating_point():
+        values = rng.standard_normal(shape)
+        if ir_dtype == ir.DataType.FLOAT8E8M0:  # an exponent-only type: powers of two, no sign
+            values = np.exp2(np.round(values * 4))
+        return np.asarray(values).astype(dtype)
+    raise InputError(f"cannot generate inputs of type {ir_dtype.name} for '{spec.name}'; give data with --data")
+
+
+def integer_range(dtype: ir.DataType, low: int | None, high: int | None) -> tuple[int, int]:
+    """[low, high) for a generated integer input: [0, 4) unless a rule says otherwise, inside the type."""
+    low = DEFAULT_INT_LOW if low is None else low
+    high = DEFAULT_INT_HIGH if high is None else high
+    if dtype.bitwidth < 8:
+        top = 1 << (dtype.bitwidth - (1 if dtype.is_signed() else 0))
+        high = min(high, top)
+    return low, max(high, low + 1)
 
 
 def describe_feeds(feeds: list[dict[str, np.ndarray]]) -> dict[str, list]:
@@ -178,3 +240,16 @@ def describe_feeds(feeds: list[dict[str, np.ndarray]]) -> dict[str, list]:
     if not feeds:
         return {}
     return {name: [list(a.shape), str(a.dtype)] for name, a in feeds[0].items()}
+
+
+def reference_failure(message: str) -> str | None:
+    """One line for an ORT run of the *original* model that failed to allocate memory
+    (a constant-folding bomb such as ConstantOfShape of 2^40 elements), else None."""
+    size = re.search(r"requested buffer of size (\d+)", message)
+    if not size:
+        return None
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", message)
+    where = f" in {node.group(1)} node '{node.group(2)}'" if node and node.group(2) else (
+        f" in a {node.group(1)} node" if node else "")
+    return (f"ONNX Runtime cannot run even the original model: it fails to allocate {int(size.group(1)):,} bytes "
+            f"({_human(int(size.group(1)))}){where}; rerun with --validate off to rewrite it without running it")

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from .errors import InputError
 from .model_io import has_deferred_tensors, weights_bytes
+from .ort_values import from_ort, needs_ort_values, to_ort
 
 # Models whose serialized protobuf would exceed this are handed to ORT as files.
 _IN_MEMORY_LIMIT = 1_500_000_000
@@ -90,8 +91,12 @@ def run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str,
     if unknown:
         raise InputError(f"data has arrays the model has no input for: {', '.join(sorted(unknown))}")
     names = [o.name for o in session.get_outputs()]
+    feed = {name: to_ort(array) for name, array in feed.items()}
     try:
-        values = session.run(names, feed)
+        if needs_ort_values(session):  # an output numpy has no type for (bfloat16, int4, ...)
+            values = [from_ort(v) for v in session.run_with_ort_values(names, feed)]
+        else:
+            values = session.run(names, feed)
     except Exception as exc:
         raise InputError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
     return dict(zip(names, values))
