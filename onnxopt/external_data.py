@@ -2,7 +2,8 @@
 
 A reference may only name a regular file inside the model's directory (or below it),
 reached without symlinks, that is not a hard link to a file elsewhere, and whose
-offset/length lie inside the file.
+offset/length lie inside the file. Unknown or repeated keys in a tensor's ``external_data``
+entries are refused (onnx would ignore them with a warning).
 """
 
 from __future__ import annotations
@@ -64,12 +65,25 @@ def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
     return count * np_dtype.itemsize
 
 
+# The keys of a TensorProto's external_data entries (onnx's ExternalDataInfo).
+EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
+
+
 def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
     base = Path(os.path.realpath(base_dir))
     for tensor in iter_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
+        keys = [entry.key for entry in tensor.external_data]
+        unknown = sorted(set(keys) - EXTERNAL_DATA_KEYS)
+        if unknown:
+            raise InputError(f"tensor '{tensor.name or '(unnamed)'}' external data has unknown key(s) "
+                             f"{', '.join(repr(k) for k in unknown)}; valid keys: {', '.join(sorted(EXTERNAL_DATA_KEYS))}")
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise InputError(f"tensor '{tensor.name or '(unnamed)'}' external data repeats key(s) "
+                             f"{', '.join(repr(k) for k in repeated)}")
         _check_one(tensor.name or "(unnamed)", info, base, _expected_bytes(tensor))
 
 
@@ -109,12 +123,16 @@ def _check_range(name: str, location: str, info: dict[str, str], size: int, expe
         raise InputError(f"tensor '{name}' has a non-numeric external data offset/length") from None
     if offset < 0 or (length is not None and length < 0):
         raise InputError(f"tensor '{name}' has a negative external data offset/length")
+    if offset > size or (offset == size and (length or expected)):
+        raise InputError(f"tensor '{name}' external data offset {offset} lies past the end of '{location}' "
+                         f"(the file has {size} bytes)")
+    stated = length is not None
     if length is None:
         length = size - offset if expected is None else expected
     if offset + length > size:
-        raise InputError(
-            f"tensor '{name}' external data [{offset}, {offset + length}) lies outside '{location}' ({size} bytes)"
-        )
+        what = f"length {length}" if stated else f"size {length} (from its shape and type, no length given)"
+        raise InputError(f"tensor '{name}' external data {what} from offset {offset} runs past the end of "
+                         f"'{location}' (ends at byte {offset + length}; the file has {size} bytes)")
     if expected is not None and length != expected:
         raise InputError(
             f"tensor '{name}' external data length {length} does not match its shape and type ({expected} bytes)"

@@ -1,4 +1,5 @@
-"""Structural checks on a model protobuf: duplicate names, undefined inputs, cycles.
+"""Structural checks on a model protobuf: duplicate names (values, graph inputs, outputs,
+initializers), duplicate opset imports for one domain, undefined inputs, cycles.
 
 They run at load time (naming the problem in one line) and after each pass (the
 structural-verify instrument, on the IR serialized back to protobuf).
@@ -17,8 +18,10 @@ from .errors import InputError
 def structure_problems(proto: onnx.ModelProto) -> list[str]:
     """Every structural problem found, as one-line messages (empty when sound)."""
     problems: list[str] = []
+    _check_opsets(proto.opset_import, "the model", problems)
     _check_graph(proto.graph, outer=set(), where="main graph", problems=problems)
     for function in proto.functions:
+        _check_opsets(function.opset_import, f"function '{function.name}'", problems)
         _check_nodes(function.node, set(function.input), f"function '{function.name}'", problems, outer=set())
     return problems
 
@@ -36,6 +39,7 @@ def _check_graph(graph: onnx.GraphProto, outer: set[str], where: str, problems: 
     init_names = [i.name for i in graph.initializer] + [s.values.name for s in graph.sparse_initializer]
     _report_duplicates(input_names, f"{where}: graph input", problems)
     _report_duplicates(init_names, f"{where}: initializer", problems)
+    _report_duplicates([o.name for o in graph.output], f"{where}: graph output", problems)
     defined.update(input_names)
     defined.update(init_names)
     _check_nodes(graph.node, defined, where, problems, outer)
@@ -98,6 +102,18 @@ def _find_cycle(nodes: list[onnx.NodeProto], available: set[str], producers: dic
     return [nodes[i].name or f"{nodes[i].op_type}#{i}" for i in stuck][:5]
 
 
+def _check_opsets(opsets, where: str, problems: list[str]) -> None:
+    """One import per domain ('' and 'ai.onnx' are the same domain)."""
+    versions: dict[str, list[int]] = {}
+    for opset in opsets:
+        versions.setdefault("" if opset.domain == "ai.onnx" else opset.domain, []).append(opset.version)
+    for domain, found in versions.items():
+        if len(found) > 1:
+            label = repr(domain) if domain else "'' (ai.onnx)"
+            problems.append(f"{where} imports domain {label} {len(found)} times (versions "
+                            f"{', '.join(map(str, found))}); keep one opset import per domain")
+
+
 def _report_duplicates(names: list[str], what: str, problems: list[str]) -> None:
     seen: set[str] = set()
     for name in names:
@@ -114,3 +130,56 @@ def _captured_names(node: onnx.NodeProto) -> set[str]:
                 names.update(inner.input)
                 names |= _captured_names(inner)
     return names
+
+
+def sort_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Put every graph's nodes (subgraphs and functions too) in topological order, in place.
+
+    The ONNX spec requires it and onnx_ir relies on it, but exporters and hand edits do not
+    always honour it (ORT sorts for itself). Call after ``structure_problems`` found no cycle;
+    returns one note per graph that was reordered."""
+    notes: list[str] = []
+    _sort_graph(proto.graph, "main graph", notes)
+    for function in proto.functions:
+        _sort_container(function.node, f"function '{function.name}'", notes)
+    return notes
+
+
+def _sort_graph(graph: onnx.GraphProto, where: str, notes: list[str]) -> None:
+    _sort_container(graph.node, where, notes)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _sort_graph(sub, f"{where} > {node.name or node.op_type}.{attr.name}", notes)
+
+
+def _sort_container(container, where: str, notes: list[str]) -> None:
+    import heapq
+
+    nodes = list(container)
+    producers = {out: index for index, node in enumerate(nodes) for out in node.output if out}
+    users: list[list[int]] = [[] for _ in nodes]
+    pending = [0] * len(nodes)
+    for index, node in enumerate(nodes):
+        for source in {producers[n] for n in set(node.input) | _captured_names(node) if n in producers} - {index}:
+            users[source].append(index)
+            pending[index] += 1
+    ready = [i for i, count in enumerate(pending) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:  # the original order wherever dependencies allow it
+        current = heapq.heappop(ready)
+        order.append(current)
+        for user in users[current]:
+            pending[user] -= 1
+            if pending[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes) or order == list(range(len(nodes))):
+        return
+    copies = [onnx.NodeProto() for _ in order]
+    for copy, index in zip(copies, order):
+        copy.CopyFrom(nodes[index])
+    del container[:]
+    container.extend(copies)
+    moved = sum(1 for position, index in enumerate(order) if position != index)
+    notes.append(f"{where}: sorted the nodes topologically ({moved} of {len(nodes)} moved; the file's order was not)")

@@ -2,7 +2,8 @@
 
 Loading reads the protobuf without external data, checks every external-data reference
 (confined to the model's directory: no ``..``, absolute paths, symlinks or hard links;
-file present; offset/length inside it) and the graph's structure, then hands the model
+file present; offset/length inside it), makes sparse tensors dense (onnx_ir reads none)
+and checks the graph's structure, then hands the model
 to onnx_ir, whose external tensors are memory-mapped lazily. Saving writes to a
 temporary file in the destination directory and renames it into place; models whose
 weights would not fit a 2 GB protobuf are saved with external data.
@@ -20,8 +21,9 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from .errors import InputError, UsageError
-from .graph_checks import check_graph_structure
+from .graph_checks import check_graph_structure, sort_nodes
 from .external_data import check_external_data
+from .sparse_tensors import densify_sparse
 
 # Protobuf cannot exceed 2 GiB; stay well below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -47,8 +49,11 @@ def check_model_file(path: Path) -> None:
         raise InputError(f"{path} is empty (0 bytes), not an ONNX model")
 
 
-def read_proto(path: str | os.PathLike) -> onnx.ModelProto:
-    """The model protobuf without external data, after file and structure checks."""
+def read_proto(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelProto:
+    """The model protobuf without external data, after file and structure checks.
+
+    Sparse tensors are made dense (sparse_tensors.py) and nodes out of topological order are
+    sorted; ``notes`` receives one line for each such change."""
     path = Path(path)
     check_model_file(path)
     try:
@@ -65,7 +70,13 @@ def read_proto(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputError(f"{path} does not contain an ONNX model (no graph or IR version)")
     _check_versions(proto, path)
     check_external_data(proto, path.parent)
+    densified = densify_sparse(proto, path.parent, str(path))
+    if notes is not None:
+        notes.extend(densified)
     check_graph_structure(proto, path)
+    reordered = sort_nodes(proto)
+    if notes is not None:
+        notes.extend(reordered)
     return proto
 
 
@@ -82,10 +93,13 @@ def _check_versions(proto: onnx.ModelProto, path: Path) -> None:
             )
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load a model as onnx_ir, external tensors memory-mapped lazily after safety checks."""
+def load_model(path: str | os.PathLike, notes: list[str] | None = None) -> ir.Model:
+    """Load a model as onnx_ir, external tensors memory-mapped lazily after safety checks.
+
+    ``notes`` receives a line for each change made while loading (sparse tensors densified,
+    nodes sorted)."""
     path = Path(path)
-    proto = read_proto(path)
+    proto = read_proto(path, notes)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx_ir raises several types on malformed graphs

@@ -112,7 +112,7 @@ def test_external_data_missing_file(tmp_path, capsys):
 
 
 def test_external_data_range_outside_file(tmp_path, capsys):
-    _cli_fails_cleanly(capsys, tmp_path, _external_model(tmp_path, offset=16), "lies outside")
+    _cli_fails_cleanly(capsys, tmp_path, _external_model(tmp_path, offset=16), "length 24 from offset 16 runs past the end")
 
 
 def test_external_data_length_must_match_shape(tmp_path):
