@@ -10,6 +10,12 @@ Guards (each refusal leaves the node as it was and counts in ``folds_refused``):
   branch and moves its initializers onto the function, which cannot hold any.
 * ``SplitToSequence`` whose ``split`` is neither constant nor a static 1-D value: the
   folder's rule dereferences a missing value and crashes the whole pass.
+* A node whose output would exceed ``output_size_limit`` elements more than its constant
+  inputs hold (judged from inferred shapes *before* evaluating it; an expanding op such as
+  ``Expand``/``Tile``/``Range`` whose output size is unknown is refused): the folder itself
+  checks only after computing the array, so ``Expand`` to 2^40 elements would allocate it.
+* String results are stored as ``ir.StringTensor`` (the folder's ``ir.Tensor`` of bytes
+  cannot be serialized and crashed the pass).
 * A replacement whose new nodes do not check against the opsets the model imports: the
   folder writes opset-13/18 forms (``Unsqueeze``/``Squeeze``/``Split`` with axes or split
   as inputs, ``Split num_outputs``) into older-opset graphs. The folder's opset-12
@@ -87,6 +93,42 @@ def checks_in(node: ir.Node, opsets: dict[str, int], ir_version: int) -> bool:
     return True
 
 
+# Ops whose output can be far larger than their constant inputs (a folding bomb).
+_EXPANDING = {"ConstantOfShape", "Expand", "Tile", "Range", "Pad", "Resize", "Upsample", "OneHot", "CenterCropPad",
+              "Col2Im", "MaxUnpool", "EyeLike", "RandomNormal", "RandomUniform"}
+
+
+def _elements(value: ir.Value | None) -> int | None:
+    if value is None:
+        return 0
+    if value.const_value is not None:
+        return value.const_value.size
+    shape = value.shape
+    if shape is None or not shape.is_static():
+        return None
+    return int(np.prod([int(d) for d in shape], dtype=object))
+
+
+def _too_large(node: ir.Node, limit: int) -> bool:
+    """Whether folding ``node`` would compute an output above ``limit`` elements that its
+    constant inputs do not already hold, judged from shapes before anything is evaluated.
+    An expanding op whose output size is unknown counts as too large."""
+    outputs = [_elements(v) for v in node.outputs]
+    if any(size is None for size in outputs):
+        return node.op_type in _EXPANDING
+    held = sum(_elements(v) or 0 for v in node.inputs)
+    return max(outputs, default=0) > limit and sum(outputs) > held
+
+
+def _as_string_tensor(tensor: ir.Tensor | None) -> ir.Tensor | ir.StringTensor | None:
+    """The folder wraps every result in ``ir.Tensor``, which cannot serialize strings."""
+    if tensor is None or tensor.dtype != ir.DataType.STRING:
+        return tensor
+    array = np.asarray(tensor.numpy())
+    strings = [s.encode() if isinstance(s, str) else bytes(s) for s in array.reshape(-1)]
+    return ir.StringTensor(np.array(strings, dtype=object).reshape(array.shape), name=tensor.name)
+
+
 class _GuardedFolder(folding.FoldConstantsPass):
     """onnxscript's folder with the guards above around each node it would replace."""
 
@@ -95,10 +137,19 @@ class _GuardedFolder(folding.FoldConstantsPass):
         self._ir_version = model.ir_version
         return super().call(model)
 
+    def _prepare_folded_tensor(self, node, output_name, output_array):
+        return _as_string_tensor(super()._prepare_folded_tensor(node, output_name, output_array))
+
     def process_node(self, node: ir.Node, is_function: bool):
         if _refused_before_folding(node, is_function):
             self.refused += 1
             return None
+        if all(v is None or v.const_value is not None for v in node.inputs) and not _is_onnx(node, "Constant"):
+            if self.shape_inference and not folding._is_control_flow_op(node):
+                self._do_inference(node)
+            if _too_large(node, self.output_size_limit):
+                self.refused += 1
+                return None
         replacement = super().process_node(node, is_function)
         if replacement is None or _is_onnx(node, "If"):
             return replacement  # an inlined If branch holds the model's own nodes
