@@ -190,20 +190,32 @@ def test_a_dimension_of_2_to_the_62_is_one_line_naming_the_input(tmp_path, capsy
 def _bomb(producer: str) -> onnx.ModelProto:
     shape = numpy_helper.from_array(np.array([2**20, 2**20], np.int64), "shape")
     one = numpy_helper.from_array(np.array([1.0], np.float32), "one")
+    scalars = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("zero", 0), ("limit", 2.0**40), ("step", 1))]
     make = {"ConstantOfShape": helper.make_node("ConstantOfShape", ["shape"], ["big"], value=one),
-            "Expand": helper.make_node("Expand", ["one", "shape"], ["big"])}[producer]
+            "Expand": helper.make_node("Expand", ["one", "shape"], ["big"]),
+            "Range": helper.make_node("Range", ["zero", "limit", "step"], ["big"])}[producer]
     return _model([make, helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
                    helper.make_node("Add", ["x", "total"], ["y"])],
-                  [_vi("x", TensorProto.FLOAT, [1])], [_vi("y", TensorProto.FLOAT, [1])], [shape, one])
+                  [_vi("x", TensorProto.FLOAT, [1])], [_vi("y", TensorProto.FLOAT, [1])], [shape, one, *scalars])
 
 
-@pytest.mark.parametrize("producer", ["ConstantOfShape", "Expand"])
+@pytest.mark.parametrize("producer", ["ConstantOfShape", "Expand", "Range"])
 @pytest.mark.parametrize("shape_inference", [True, False])
 def test_fold_constants_refuses_a_2_to_the_40_bomb_without_computing_it(producer, shape_inference):
     model = ir.from_proto(_bomb(producer))
     result = FoldConstantsPass(shape_inference=shape_inference)(model)  # 4 TiB if it evaluated the node
     assert [n.op_type for n in model.graph] == [producer, "ReduceSum", "Add"]
     assert result.stats["folds_refused"] >= 1 and result.stats["initializers_added"] == 0
+
+
+def test_fold_constants_still_folds_a_small_range():
+    proto = _model([helper.make_node("Range", ["zero", "limit", "step"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])],
+                   [_vi("x", TensorProto.FLOAT, [4])], [_vi("y", TensorProto.FLOAT, [4])],
+                   [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("zero", 0), ("limit", 4), ("step", 1))])
+    model = ir.from_proto(proto)
+    FoldConstantsPass(shape_inference=False)(model)
+    assert [n.op_type for n in model.graph] == ["Add"]
+    assert_same_outputs(proto, model)
 
 
 def test_a_bomb_ort_cannot_run_points_at_validate_off_which_finishes(tmp_path, capsys):

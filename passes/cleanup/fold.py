@@ -109,13 +109,42 @@ def _elements(value: ir.Value | None) -> int | None:
     return int(np.prod([int(d) for d in shape], dtype=object))
 
 
+def _values(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or value.const_value.size > 64:
+        return None
+    return np.asarray(value.const_value.numpy()).reshape(-1)
+
+
+def _expanded_elements(node: ir.Node) -> int | None:
+    """The output size of an expanding op, from its (small) constant inputs; None if unknown."""
+    inputs = list(node.inputs) + [None] * 3
+    data = inputs[0].const_value.shape if inputs[0] is not None and inputs[0].const_value is not None else None
+    try:
+        if node.op_type == "ConstantOfShape" and (shape := _values(inputs[0])) is not None:
+            return int(np.prod([int(d) for d in shape], dtype=object))
+        if node.op_type == "Range" and all(_values(v) is not None and _values(v).size for v in inputs[:3]):
+            start, limit, delta = (float(_values(v)[0]) for v in inputs[:3])
+            return max(int(np.ceil((limit - start) / delta)), 0) if delta else None
+        if node.op_type == "Expand" and data is not None and (shape := _values(inputs[1])) is not None:
+            return int(np.prod(np.broadcast_shapes(tuple(data), tuple(int(d) for d in shape)), dtype=object))
+        if node.op_type == "Tile" and data is not None and (repeats := _values(inputs[1])) is not None:
+            return int(np.prod([int(d) * int(r) for d, r in zip(data, repeats)], dtype=object))
+    except (ValueError, OverflowError, ZeroDivisionError):
+        return None
+    return None
+
+
 def _too_large(node: ir.Node, limit: int) -> bool:
     """Whether folding ``node`` would compute an output above ``limit`` elements that its
     constant inputs do not already hold, judged from shapes before anything is evaluated.
-    An expanding op whose output size is unknown counts as too large."""
+    An expanding op whose output size cannot be told counts as too large."""
     outputs = [_elements(v) for v in node.outputs]
     if any(size is None for size in outputs):
-        return node.op_type in _EXPANDING
+        if node.op_type not in _EXPANDING:
+            return False
+        outputs = [_expanded_elements(node)]
+        if outputs[0] is None:
+            return True
     held = sum(_elements(v) or 0 for v in node.inputs)
     return max(outputs, default=0) > limit and sum(outputs) > held
 
