@@ -183,3 +183,36 @@ def _sort_container(container, where: str, notes: list[str]) -> None:
     container.extend(copies)
     moved = sum(1 for position, index in enumerate(order) if position != index)
     notes.append(f"{where}: sorted the nodes topologically ({moved} of {len(nodes)} moved; the file's order was not)")
+
+
+def rename_duplicate_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Give the second and later nodes sharing a name (in any graph of the model) a unique one.
+
+    ORT refuses a graph with two nodes of one name; node names carry no meaning otherwise.
+    Returns one note when something was renamed."""
+    graphs = [proto.graph]
+    index = 0
+    while index < len(graphs):
+        for node in graphs[index].node:
+            for attr in node.attribute:
+                graphs.extend(([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
+        index += 1
+    nodes = [node for graph in graphs for node in graph.node]
+    taken = {node.name for node in nodes if node.name}
+    seen: set[str] = set()
+    renamed = []
+    for node in nodes:
+        if not node.name:
+            continue
+        if node.name in seen:
+            suffix = 1
+            while f"{node.name}_{suffix}" in taken:
+                suffix += 1
+            renamed.append(node.name)
+            node.name = f"{node.name}_{suffix}"
+            taken.add(node.name)
+        seen.add(node.name)
+    if not renamed:
+        return []
+    shown = ", ".join(f"'{n}'" for n in sorted(set(renamed))[:5])
+    return [f"renamed {len(renamed)} nodes whose names repeat another node's ({shown}): ORT refuses duplicate node names"]

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from .errors import InputError, UsageError
-from .graph_checks import check_graph_structure, sort_nodes
+from .graph_checks import check_graph_structure, rename_duplicate_nodes, sort_nodes
 from .external_data import check_external_data
 from .sparse_tensors import densify_sparse
 
@@ -52,8 +52,8 @@ def check_model_file(path: Path) -> None:
 def read_proto(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelProto:
     """The model protobuf without external data, after file and structure checks.
 
-    Sparse tensors are made dense (sparse_tensors.py) and nodes out of topological order are
-    sorted; ``notes`` receives one line for each such change."""
+    Sparse tensors are made dense (sparse_tensors.py), nodes out of topological order are
+    sorted and repeated node names made unique; ``notes`` receives one line for each such change."""
     path = Path(path)
     check_model_file(path)
     try:
@@ -74,7 +74,7 @@ def read_proto(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.
     if notes is not None:
         notes.extend(densified)
     check_graph_structure(proto, path)
-    reordered = sort_nodes(proto)
+    reordered = sort_nodes(proto) + rename_duplicate_nodes(proto)
     if notes is not None:
         notes.extend(reordered)
     return proto
