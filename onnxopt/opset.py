@@ -99,6 +99,8 @@ def _convert_with_onnxscript(model: ir.Model, target: int) -> ir.Model | None:
 def _convert_with_onnx(model: ir.Model, target: int) -> ir.Model:
     proto = ir.to_proto(model)
     converted = onnx.version_converter.convert_version(proto, target)
+    if proto.functions and not converted.functions:  # the converter drops local functions
+        converted.functions.extend(proto.functions)
     return _with_base_dir(ir.from_proto(converted), model)
 
 
