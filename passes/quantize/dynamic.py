@@ -113,6 +113,8 @@ class QuantizeDynamicPass(Pass):
                 reason = self._refusal(node)
                 if reason:
                     fallbacks[reason] += 1
+                    if reason == "weight_not_finite":  # named: the user has a broken weight
+                        stats.setdefault("left_float", {})[node.inputs[1].name] = "holds NaN or Inf"
                 else:
                     plans.append((graph, node))
         stats["fallbacks"] = dict(fallbacks)
@@ -162,6 +164,8 @@ class QuantizeDynamicPass(Pass):
         reduction = math.prod(shape[1:]) if node.op_type == "Conv" else _k(node, shape)
         if reduction < self.options.min_reduction:
             return "reduction_below_min"
+        if not qm.all_finite(w):
+            return "weight_not_finite"
         return None
 
     def _rewrite(self, model: ir.Model, plans: list[tuple[ir.Graph, ir.Node]], stats: dict) -> None:

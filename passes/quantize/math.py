@@ -244,3 +244,15 @@ def pack_bits(bits) -> np.ndarray:
 def unpack_bits(packed, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: the first ``count`` booleans."""
     return np.unpackbits(np.asarray(packed, dtype=np.uint8), count=count, bitorder="little").astype(bool)
+
+
+def all_finite(tensor, chunk: int = 1 << 22) -> bool:
+    """Whether a weight (numpy array or ``ir`` tensor, memory-mapped external data included)
+    holds no NaN or Inf, read in chunks. A range with NaN/Inf has no finite scale: such a
+    tensor is left float and named in the pass's stats."""
+    array = np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor)
+    if array.dtype.kind not in "fc" and array.dtype.kind != "V":
+        return True
+    flat = array.reshape(-1)
+    return all(np.isfinite(flat[i:i + chunk].astype(np.float32, copy=False)).all() for i in range(0, flat.size, chunk))
+

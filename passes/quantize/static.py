@@ -226,12 +226,17 @@ class QuantizeStaticPass(Pass):
         fallbacks: collections.Counter = collections.Counter()
         near_promoted = {v for n in all_nodes(model) if promote.matches(n) for v in (*n.inputs, *n.outputs)}
 
+        left_float = result.setdefault("left_float", {})
+
         def problem(value: ir.Value) -> str | None:
             if value.dtype is not None and value.dtype != ir.DataType.FLOAT:
                 return "not_float32"
             if value.name not in stats:
                 return "uncalibrated"
             s = stats[value.name]
+            if not s.count or not all(np.isfinite(s.range())):  # statistics keep finite values only
+                left_float[value.name] = "no finite value in calibration (all NaN or Inf)"
+                return "range_not_finite"
             levels = 2 ** self._activation_type(value in near_promoted).bits
             if self.options.min_sqnr_db > 0 and s.worst_sqnr_db(*s.range(), levels) < self.options.min_sqnr_db:
                 return "low_sqnr"
@@ -242,7 +247,8 @@ class QuantizeStaticPass(Pass):
             if not isinstance(graph, ir.Graph):
                 fallbacks["in_function"] += sum(1 for n in graph if n.op_type in CORE)
                 continue
-            placer = Placer(graph, problem, lambda n: chosen is None or n in chosen,
+            nonfinite = _nonfinite_weight_nodes(graph, left_float)
+            placer = Placer(graph, problem, lambda n: (chosen is None or n in chosen) and n not in nonfinite,
                             self.options.placement, absorb=not self.options.symmetric_activations,
                             min_reduction=self.options.min_reduction,
                             rank=lambda v: stats[v.name].rank if v.name in stats else None,
@@ -250,8 +256,24 @@ class QuantizeStaticPass(Pass):
             plan = placer.plan()
             fallbacks.update(plan.fallbacks)
             plans.append((graph, plan))
+        if nonfinite_total := sum(1 for reason in left_float.values() if reason.startswith("weight")):
+            fallbacks["weight_not_finite"] += nonfinite_total
         result["fallbacks"] = dict(fallbacks)
         return plans
+
+
+def _nonfinite_weight_nodes(graph: ir.Graph, left_float: dict) -> set[ir.Node]:
+    """Nodes of ``graph`` whose constant float inputs hold NaN or Inf (named in ``left_float``)."""
+    nodes = set()
+    for node in graph:
+        if node.op_type not in CORE:
+            continue
+        for value in node.inputs[1:]:
+            array = constant_array(value) if value is not None else None
+            if array is not None and array.dtype.kind == "f" and not qm.all_finite(array):
+                left_float[value.name] = "weight holds NaN or Inf"
+                nodes.add(node)
+    return nodes
 
 
 def inline_local_functions(model: ir.Model) -> int:

@@ -314,6 +314,8 @@ class QuantizeWeightsPass(Pass):
         size = int(np.prod(tensor.shape.numpy()))
         if size < opts.min_elements:
             return f"{size} elements < min_elements={opts.min_elements}"
+        if not qm.all_finite(tensor):
+            return "holds NaN or Inf: no finite scale, left float"
         if reach.moved:
             return self._moved_refusal(reach, chosen)
         uses = [(use.node, use.idx) for use in value.uses()]
