@@ -291,3 +291,57 @@ def test_nodes_out_of_topological_order_are_sorted_on_load_and_said_so(tmp_path)
     onnx.checker.check_model(written)
     for x in (np.array([1.0, -3.0], np.float32), np.array([4.0, -3.0], np.float32)):
         np.testing.assert_array_equal(run_ort(written, {"x": x})[0], x if x.sum() <= 0 else -np.abs(x))
+
+
+def test_repeated_node_names_are_made_unique_on_load(tmp_path):
+    proto = _model([helper.make_node("Relu", ["x"], ["a"], name="n"), helper.make_node("Neg", ["a"], ["y"], name="n")],
+                   [_vi("x", TensorProto.FLOAT, [2])], [_vi("y", TensorProto.FLOAT, [2])])
+    result, written = _optimized(tmp_path, proto, passes=("remove-unused",))
+    assert [n.name for n in written.graph.node] == ["n", "n_1"]
+    assert any("renamed 1 nodes whose names repeat another node's ('n')" in n for n in result.report["notes"])
+
+
+# --- quantization never writes NaN/Inf/zero scales ------------------------------------------------
+
+def _scales(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Scale inputs of Q/DQ nodes, and initializers named like scales (quantize-dynamic's Mul)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    scales = {n.input[1]: inits[n.input[1]] for n in proto.graph.node
+              if n.op_type in ("DequantizeLinear", "QuantizeLinear") and n.input[1] in inits}
+    return scales | {name: value for name, value in inits.items() if name.endswith("scale")}
+
+
+def _two_weights(bad_weight: bool, bad_input: bool) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    bad = rng.standard_normal((128, 32)).astype(np.float32)
+    if bad_weight:
+        bad[0, 0], bad[5, 3] = np.nan, np.inf
+    nodes = [helper.make_node("MatMul", ["x", "good"], ["a"], name="mm_good"),
+             helper.make_node("Div" if bad_input else "Mul", ["x", "zero"], ["xs"], name="scale_x"),
+             helper.make_node("MatMul", ["xs", "bad"], ["b"], name="mm_bad")]
+    inits = [numpy_helper.from_array(rng.standard_normal((128, 32)).astype(np.float32), "good"),
+             numpy_helper.from_array(bad, "bad"), numpy_helper.from_array(np.array(0.0 if bad_input else 1.0, np.float32), "zero")]
+    return _model(nodes, [_vi("x", TensorProto.FLOAT, [4, 128])],
+                  [_vi("a", TensorProto.FLOAT, [4, 32]), _vi("b", TensorProto.FLOAT, [4, 32])], inits)
+
+
+@pytest.mark.parametrize("spec, named_in", [
+    ("quantize-static", "left_float"), ("quantize-dynamic", "left_float"),
+    ("quantize-weights", "skipped"), ("quantize-weights:bits=4,granularity=blocked", "skipped")])
+def test_a_weight_holding_nan_or_inf_stays_float_and_is_named(tmp_path, spec, named_in):
+    result, written = _optimized(tmp_path, _two_weights(bad_weight=True, bad_input=False), passes=(spec,), budget="none")
+    step = result.report["passes"][0]
+    assert step["modified"] and "mm_good" in step["stats"]["quantized_nodes"]
+    assert "mm_bad" not in step["stats"]["quantized_nodes"]
+    assert "NaN or Inf" in step["stats"][named_in]["bad"]
+    scales = _scales(written)
+    assert scales and all(np.isfinite(s).all() and (s != 0).all() for s in scales.values())
+    assert "bad" in {t.name for t in written.graph.initializer}  # still float, still there
+
+
+def test_quantize_static_leaves_an_activation_with_no_finite_value_float(tmp_path):
+    result, written = _optimized(tmp_path, _two_weights(bad_weight=False, bad_input=True), passes=("quantize-static",),
+                                 budget="none")
+    stats = result.report["passes"][0]["stats"]  # calibration keeps finite values only: xs has none
+    assert stats["fallbacks"] == {"uncalibrated": 1} and stats["quantized_nodes"] == ["mm_good"]
+    assert all(np.isfinite(s).all() and (s != 0).all() for s in _scales(written).values())
