@@ -37,8 +37,10 @@ def _cases(models):
             yield pytest.param(name, model, marks=marks, id=f"{name}-{model}")
 
 
-def eager_spec(pass_name: str) -> str:
-    """The pass with every ``min_*`` size threshold lowered, so it acts on the corpus's tiny models."""
+def eager_spec(pass_name: str, proto: onnx.ModelProto | None = None) -> str:
+    """The pass with every ``min_*`` size threshold lowered, so it acts on the corpus's tiny models;
+    an empty ``tensors`` or ``ops`` list (split passes need one) is filled from ``proto``: the
+    middle node's first output, every op type of the main graph."""
     import dataclasses
 
     options = []
@@ -47,7 +49,18 @@ def eager_spec(pass_name: str) -> str:
             options.append(f"{field.name}=1")
         elif field.name.startswith("min_") and field.type in ("float", float):
             options.append(f"{field.name}=0")
+        elif field.name in ("tensors", "ops") and proto is not None and not _default(field) and proto.graph.node:
+            nodes = proto.graph.node
+            picked = [nodes[len(nodes) // 2].output[0]] if field.name == "tensors" else \
+                sorted({n.op_type for n in nodes if n.domain in ("", "ai.onnx")})
+            options.append(f"{field.name}=[{','.join(picked)}]")
     return pass_name + (":" + ",".join(options) if options else "")
+
+
+def _default(field):
+    import dataclasses
+
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def bad_scales(proto: onnx.ModelProto) -> list[str]:
@@ -88,10 +101,12 @@ def _node_scales(node) -> list[str]:
 def run_one(tmp_path, pass_name: str, model_name: str) -> str:
     """'ok' or 'refused: <line>'; fails the test on anything else."""
     path = tmp_path / f"{model_name}.onnx"
-    onnx.save(CORPUS[model_name](), path)
+    proto = CORPUS[model_name]()
+    onnx.save(proto, path)
     out = tmp_path / "out.onnx"
+    out.unlink(missing_ok=True)
     try:
-        result = api.optimize(path, out, [eager_spec(pass_name)], budget="none", samples=2, dims={"seq": 4},
+        result = api.optimize(path, out, [eager_spec(pass_name, proto)], budget="none", samples=2, dims={"seq": 4},
                               reproducer_dir=tmp_path / "crash")
     except OnnxoptError as exc:
         message = str(exc)
