@@ -124,25 +124,15 @@ _DECIDING = ("amx_int8", "amx_tile", "avx512_vnni", "avx_vnni", "avx_vnni_int8",
              "i8mm", "asimddp", "asimd")
 
 
+# (flags that must all be present, target), best first: AMX machines also have AVX-512 VNNI.
+_DETECTION = (({"amx_int8", "amx_tile"}, "amx"), ({"avx512_vnni"}, "avx512-vnni"), ({"avx_vnni"}, "avx-vnni"),
+              ({"avx512bw"}, "avx512"), ({"avx2"}, "avx2"), ({"asimddp"}, "arm-dotprod"), ({"asimd"}, "arm-neon"))
+
+
 def detect(cpuinfo: str) -> Target:
     """The target of the CPU a ``/proc/cpuinfo`` text describes (``generic`` when nothing fits)."""
     model, flags = parse_cpuinfo(cpuinfo)
-    if {"amx_int8", "amx_tile"} <= flags:
-        name = "amx"
-    elif "avx512_vnni" in flags:
-        name = "avx512-vnni"
-    elif "avx_vnni" in flags:
-        name = "avx-vnni"
-    elif "avx512bw" in flags:
-        name = "avx512"
-    elif "avx2" in flags:
-        name = "avx2"
-    elif "asimddp" in flags:
-        name = "arm-dotprod"
-    elif "asimd" in flags:
-        name = "arm-neon"
-    else:
-        name = "generic"
+    name = next((name for needed, name in _DETECTION if needed <= flags), "generic")
     shown = tuple(f for f in _DECIDING if f in flags)
     return dataclasses.replace(TARGETS[name], chosen_by="auto", cpu=model, flags=shown)
 
