@@ -139,3 +139,14 @@ def test_validate_end_checks_a_lossy_step_on_its_own_and_times_unchecked_ones_at
     unchecked = run_end("none")  # no budget: no per-step check, the final model is timed
     assert unchecked.speed["speedup"] == pytest.approx(10 / 13) and unchecked.speed["slower_than_reference"]
     assert any("0.77x the speed of the input" in note for note in unchecked.notes)
+
+
+def test_min_island_leaves_every_smaller_island_float():
+    from onnxopt.pass_base import PassContext
+    from onnxopt.passes.quantize.static import QuantizeStaticPass
+
+    kept = model()
+    two = QuantizeStaticPass(min_reduction=0, min_island=2, context=PassContext(feeds()))(kept)
+    assert two.modified and two.stats["nodes_quantized"] == 2 and two.stats["fallbacks"]["island_below_min"] == 1
+    nothing = QuantizeStaticPass(min_reduction=0, min_island=3, context=PassContext(feeds()))(model())
+    assert not nothing.modified and nothing.stats["fallbacks"]["island_below_min"] == 3
