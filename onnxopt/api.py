@@ -244,6 +244,29 @@ def diff(model_a: str | Path, model_b: str | Path, *, tensors: bool = False, dat
     return result
 
 
+def bisect(model_path: str | Path, passes: list[str] | tuple[str, ...] = (), *, recipe: str | Path | None = None,
+           data: str | Path | None = None, budget: str | Budget | None = None, dims: dict[str, int] | None = None,
+           samples: int | None = None, tolerance: Tolerance | None = None, fallback: bool = False,
+           save_dir: str | Path | None = None, reproducer_dir: str | Path | None = None,
+           registry: Registry | None = None, progress: Progress | None = None) -> dict:
+    """The first pass that breaks the budget (lossless passes: float rounding) and, inside its
+    result, the first divergent node; ``result["broken"]`` is False when nothing breaks."""
+    from .bisect import bisect_pipeline, save_models
+
+    specs = resolve_specs(passes, recipe, registry)
+    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    model = load_model(model_path)
+    feeds, _ = make_feeds(model, data, dims, samples)
+    with _hint_on_generated_inputs(not data):
+        outcome = bisect_pipeline(model, specs, feeds, budget=budget, tolerance=tolerance, fallback=fallback,
+                                  registry=registry, progress=progress,
+                                  reproducer_dir=Path(reproducer_dir) if reproducer_dir else None)
+    result = outcome.as_dict()
+    if save_dir and outcome.before is not None:
+        result["saved"] = [str(p) for p in save_models(outcome, save_dir)]
+    return result
+
+
 def inspect(model_path: str | Path) -> dict:
     return inspect_model(load_model(model_path))
 

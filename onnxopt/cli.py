@@ -93,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(mrg)
     mrg.add_argument("--force", action="store_true", help="overwrite an existing -o file")
 
+    bis = sub.add_parser("bisect", help="find the first pass that breaks the budget, and its first divergent node")
+    bis.add_argument("model")
+    bis.add_argument("-p", "--pass", dest="passes", action="append", default=[], metavar="PASS[:k=v,...]",
+                     help="a pass or family to run (repeatable, in order)")
+    bis.add_argument("--recipe", help="JSON or YAML list of {pass, options}, run before any -p")
+    _add_data_args(bis)
+    bis.add_argument("--budget", help="fidelity budget for lossy passes (default as for optimize; lossless passes "
+                                      "must keep float rounding)")
+    bis.add_argument("--fallback", action="store_true", help="let mixed precision repair a lossy pass first")
+    bis.add_argument("--save-dir", help="write the models before and after the breaking pass here")
+    bis.add_argument("--reproducer-dir", help="where to write a crash reproducer (default ./onnxopt-crash-TIME)")
+    bis.add_argument("--json", action="store_true", help="print the result as JSON")
+
     lst = sub.add_parser("passes", help="list every pass with its options")
     lst.add_argument("--json", action="store_true")
 
@@ -253,6 +266,20 @@ def _merge(args) -> int:
     print(f"wrote {result.output}")
     return 0
 
+def _bisect(args) -> int:
+    from .bisect import render_bisect
+
+    result = api.bisect(args.model, args.passes, recipe=args.recipe, data=args.data, budget=args.budget,
+                        dims=parse_dims(args.dim), samples=args.samples, tolerance=Tolerance(args.rtol, args.atol),
+                        fallback=args.fallback, save_dir=args.save_dir, reproducer_dir=args.reproducer_dir)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        render_bisect(result)
+        for path in result.get("saved", []):
+            print(f"wrote {path}")
+    return 1 if result["broken"] else 0
+
 
 def _inspect(args) -> int:
     info = api.inspect(args.model)
@@ -314,7 +341,7 @@ def _zoo(args) -> int:
     return 0
 
 
-_COMMANDS = {"optimize": _optimize, "validate": _validate, "diff": _diff, "split": _split, "merge": _merge, "inspect": _inspect, "passes": _passes, "zoo": _zoo}
+_COMMANDS = {"optimize": _optimize, "validate": _validate, "diff": _diff, "bisect": _bisect, "split": _split, "merge": _merge, "inspect": _inspect, "passes": _passes, "zoo": _zoo}
 
 
 if __name__ == "__main__":
