@@ -267,6 +267,31 @@ def bisect(model_path: str | Path, passes: list[str] | tuple[str, ...] = (), *, 
     return result
 
 
+def reduce(model_path: str | Path, output: str | Path, *, budget: str | Budget | None = None,
+           against: str | Path | None = None, check: str | None = None, data: str | Path | None = None,
+           dims: dict[str, int] | None = None, samples: int | None = None) -> dict:
+    """Shrink a failing model to a small subgraph that still fails and write it to ``output``
+    (with ``OUTPUT.inputs.npz``, the captured values of its inputs, when they stack)."""
+    from .reduce import reduce_model, save_reduced
+
+    if (budget is None) == (check is None):
+        raise UsageError("reduce needs exactly one of --budget (with --against REF to compare) or --check CMD")
+    if against is not None and check is not None:
+        raise UsageError("--against goes with --budget, not with --check")
+    budget = budget if isinstance(budget, Budget) or budget is None else Budget.parse(budget)
+    _check_output_path(Path(model_path), Path(output), False)
+    model = load_model(model_path)
+    reference = load_model(against) if against else None
+    feeds = make_feeds(reference or model, data, dims, samples)[0] if check is None else []
+    reduced, summary, values = reduce_model(model, feeds, budget=budget, against=reference, check=check)
+    summary["output"] = str(save_reduced(reduced, output))
+    if values and all(len({a.shape for a in arrays}) == 1 for arrays in values.values()):
+        inputs_path = Path(f"{output}.inputs.npz")
+        np.savez(inputs_path, **{name: np.stack(arrays) for name, arrays in values.items()})
+        summary["inputs_file"] = str(inputs_path)
+    return summary
+
+
 def inspect(model_path: str | Path) -> dict:
     return inspect_model(load_model(model_path))
 

@@ -106,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     bis.add_argument("--reproducer-dir", help="where to write a crash reproducer (default ./onnxopt-crash-TIME)")
     bis.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    red = sub.add_parser("reduce", help="shrink a failing model to a small subgraph that still fails")
+    red.add_argument("model")
+    red.add_argument("-o", "--output", required=True, help="where to write the reduced model")
+    red.add_argument("--budget", help="failing = breaks this budget against --against REF's tensors, or ORT "
+                                      "fails on it ('none': ORT failures only)")
+    red.add_argument("--against", metavar="REF", help="reference model: feeds the subgraph and judges its outputs")
+    red.add_argument("--check", metavar="CMD", help="failing = CMD exits nonzero; {} stands for the candidate's path")
+    _add_data_args(red)
+    red.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     lst = sub.add_parser("passes", help="list every pass with its options")
     lst.add_argument("--json", action="store_true")
 
@@ -281,6 +291,19 @@ def _bisect(args) -> int:
     return 1 if result["broken"] else 0
 
 
+def _reduce(args) -> int:
+    summary = api.reduce(args.model, args.output, budget=args.budget, against=args.against, check=args.check,
+                         data=args.data, dims=parse_dims(args.dim), samples=args.samples)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    print(f"reduced {summary['nodes_before']} nodes to {summary['nodes_after']} in {summary['checks']} checks: "
+          f"{', '.join(f'{n} ({op})' for n, op in list(zip(summary['nodes'], summary['ops']))[:10])}")
+    print(f"still failing: {summary['why']}")
+    print(f"wrote {summary['output']}" + (f" and its inputs {summary['inputs_file']}" if summary.get("inputs_file") else ""))
+    return 0
+
+
 def _inspect(args) -> int:
     info = api.inspect(args.model)
     if args.json:
@@ -341,7 +364,7 @@ def _zoo(args) -> int:
     return 0
 
 
-_COMMANDS = {"optimize": _optimize, "validate": _validate, "diff": _diff, "bisect": _bisect, "split": _split, "merge": _merge, "inspect": _inspect, "passes": _passes, "zoo": _zoo}
+_COMMANDS = {"optimize": _optimize, "validate": _validate, "diff": _diff, "bisect": _bisect, "reduce": _reduce, "split": _split, "merge": _merge, "inspect": _inspect, "passes": _passes, "zoo": _zoo}
 
 
 if __name__ == "__main__":
