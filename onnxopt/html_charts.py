@@ -38,6 +38,8 @@ def fmt(value, digits: int = 4) -> str:
         return "nan"
     if x == 0:
         return "0"
+    if x.is_integer() and abs(x) < 1e12:
+        return str(int(x))
     if abs(x) >= 1e5 or abs(x) < 1e-3:
         return f"{x:.{max(digits - 1, 1)}e}"
     return f"{x:.{digits}g}"
@@ -80,10 +82,12 @@ def _y_axis(lo: float, hi: float, scale) -> list[str]:
 
 
 def bar_chart(title: str, chart_id: str, labels: list[str], values: list, *, y_label: str = "",
-              x_label: str = "", unit: str = "", colors: list[str] | None = None) -> str:
-    """One bar per label; missing values leave a gap; ``colors`` per bar (default one colour)."""
+              x_label: str = "", unit: str = "", colors: list[str] | None = None,
+              reference: tuple[str, float] | None = None) -> str:
+    """One bar per label; missing values leave a gap; ``colors`` per bar (default one colour);
+    ``reference`` draws a labelled dashed level (e.g. the ideal stage cost)."""
     nums = [number(v) for v in values]
-    finite = [v for v in nums if v is not None and math.isfinite(v)]
+    finite = [v for v in nums if v is not None and math.isfinite(v)] + ([reference[1]] if reference else [])
     hi = max(finite + [0.0]) or 1.0
     lo = min(finite + [0.0])
     plot_w, plot_h = WIDTH - MARGIN_LEFT - MARGIN_RIGHT, HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
@@ -105,6 +109,11 @@ def bar_chart(title: str, chart_id: str, labels: list[str], values: list, *, y_l
             short = label if len(label) <= 18 else label[:17] + "…"
             body.append(f'<text class="tick" transform="translate({cx:.1f},{HEIGHT - MARGIN_BOTTOM + 12}) rotate(30)">'
                         f'{esc(short)}</text>')
+    if reference:
+        y = scale(reference[1])
+        body.append(f'<line class="highlight reference" x1="{MARGIN_LEFT}" x2="{WIDTH - MARGIN_RIGHT}" y1="{y:.1f}" '
+                    f'y2="{y:.1f}"/><text class="legend" x="{WIDTH - MARGIN_RIGHT - 4}" y="{y - 4:.1f}" '
+                    f'text-anchor="end">{esc(reference[0])} {esc(fmt(reference[1]))}</text>')
     return _frame(title, chart_id, body, y_label, x_label)
 
 

@@ -331,3 +331,53 @@ def _fallback_sections(steps: list[dict]) -> list[str]:
                             "worst SNR dB", "breaches"], rows, row_classes=["" if t.get("ok") else "bad" for t in trials],
                            numeric={0, 3, 4, 6, 7}))
     return parts
+
+
+# -- split ----------------------------------------------------------------------------------------
+
+def render_split_page(result: dict) -> str:
+    """The split result (``SplitResult.as_dict()``): stage costs against the ideal, stage table,
+    the wiring between stages, and the stitch-back check."""
+    stages = result.get("stages") or []
+    balance = result.get("balance") or {}
+    stitch = result.get("stitch") or {}
+    ok = result.get("ok")
+    subtitle = (f'<span class="badge {"ok" if ok else "fail"}">{"stitch-back exact" if ok else "stitch-back failed"}'
+                f'</span> pass <code>{esc(result.get("pass"))}</code>; {len(stages)} stages in '
+                f'<code>{esc(result.get("outdir"))}</code>')
+    labels = [f"stage {s.get('index', i)}" + (f" ({s['partition']})" if s.get("partition") else "")
+              for i, s in enumerate(stages)]
+    costs = balance.get("stage_costs") or [s.get("cost") for s in stages]
+    charts = []
+    if any(number(c) is not None for c in costs):
+        by = balance.get("by") or "cost"
+        ideal = number(balance.get("ideal_cost"))
+        ratio = number(balance.get("max_over_ideal"))
+        title = f"stage cost by {by}" + (f" (largest / ideal = {ratio:.3f})" if ratio is not None else "")
+        charts.append(bar_chart(title, "stage-cost-chart", labels, costs, y_label=str(by),
+                                reference=("ideal", ideal) if ideal is not None else None))
+    charts.append(bar_chart("parameters per stage", "stage-params-chart", labels, [s.get("params") for s in stages],
+                            y_label="parameters", colors=["#d9822b"] * len(stages)))
+    charts.append(bar_chart("nodes per stage", "stage-nodes-chart", labels, [s.get("nodes") for s in stages],
+                            y_label="nodes", colors=["#3a9a5b"] * len(stages)))
+    rows = [[(str(s.get("index", i)), s.get("index", i)), s.get("file", ""), s.get("partition") or "",
+             (str(s.get("nodes", "-")), s.get("nodes") or 0), (str(s.get("params", "-")), s.get("params") or 0),
+             (_mb(s.get("weight_bytes")), s.get("weight_bytes") or 0), _metric_cell(s.get("cost")),
+             ", ".join(s.get("inputs") or []), ", ".join(s.get("outputs") or [])] for i, s in enumerate(stages)]
+    stage_table = table(["stage", "file", "partition", "nodes", "params", "weights", "cost", "inputs", "outputs"],
+                        rows, table_id="stage-table", numeric={0, 3, 4, 5, 6})
+    wiring = [[t.get("name", ""), "model input" if t.get("model_input") else f"stage {t.get('from')}",
+               ", ".join(f"stage {x}" for x in t.get("to") or []) + (" + model output" if t.get("model_output") else "")]
+              for t in result.get("tensors") or []]
+    metrics = stitch.get("metrics") or {}
+    stitch_rows = [[name, _metric_cell(m.get("max_abs")), _metric_cell(m.get("cosine")), _metric_cell(m.get("snr_db")),
+                    str(m.get("error", ""))] for name, m in metrics.items()]
+    seconds = result.get("seconds") or {}
+    timing = ", ".join(f"{esc(k)} {number(v) or 0:.2f} s" for k, v in seconds.items())
+    sections = [section("Stage costs", f'<div class="charts">{"".join(charts)}</div>', stage_table),
+                section("Wiring between stages", table(["tensor", "from", "to"], wiring)),
+                section(f"Stitch-back against {stitch.get('against', 'the original')}: "
+                        f"{'exact' if stitch.get('equal') else 'DIFFERS'}",
+                        table(["output", "max_abs", "cosine", "snr_db", "error"], stitch_rows, numeric={1, 2, 3}),
+                        f'<p class="meta">{timing}</p>' if timing else "")]
+    return page("onnxopt split", subtitle, sections)

@@ -93,3 +93,36 @@ def test_optimize_page_renders_with_fallback_trials(tmp_path):
     for chart in ("size-chart", "nodes-chart", "latency-chart", "time-chart", "fidelity-chart", "tensor-snr"):
         assert f'id="{chart}"' in dom, chart
     assert '<rect class="bar"' in dom and 'id="pass-table"' in dom
+
+
+def _split_result() -> dict:
+    """A split result in the shape `split` exposes (SplitResult.as_dict()), built by hand."""
+    stages = [{"index": i, "file": f"stage{i}.onnx", "partition": HOSTILE if i == 1 else None,
+               "inputs": ["image"] if i == 0 else [f"t{i - 1}"], "outputs": [f"t{i}"] if i < 2 else ["logits"],
+               "nodes": 5 + i, "params": 1000 * (i + 1), "weight_bytes": 4000 * (i + 1), "ops": {"Conv": 1},
+               "cost": 1000.0 * (i + 1)} for i in range(3)]
+    return {"ok": True, "outdir": "out", "pass": "split-stages:stages=3,by=params",
+            "pass_stats": {"by": "params"}, "balance": {"by": "params", "stage_costs": [1000.0, 2000.0, 3000.0],
+                                                        "total_cost": 6000.0, "ideal_cost": 2000.0,
+                                                        "max_over_ideal": 1.5},
+            "stages": stages,
+            "tensors": [{"name": "image", "from": None, "to": [0], "model_input": True, "model_output": False},
+                        {"name": "t0", "from": 0, "to": [1], "model_input": False, "model_output": False},
+                        {"name": "t1", "from": 1, "to": [2], "model_input": False, "model_output": False},
+                        {"name": "logits", "from": 2, "to": [], "model_input": False, "model_output": True}],
+            "stitch": {"equal": True, "against": "original",
+                       "metrics": {"logits": {"max_abs": 0.0, "cosine": 1.0, "snr_db": "inf"}}},
+            "seconds": {"split": 0.1, "export": 0.2, "stitch": 0.3}}
+
+
+def test_split_page_renders_stage_costs(tmp_path):
+    from onnxopt.html_report import render_split_page, write_page
+
+    page = write_page(render_split_page(_split_result()), tmp_path / "split.html")
+    text = page.read_text()
+    assert HOSTILE not in text and "largest / ideal = 1.500" in text
+    dom, log = _render(page)
+    _assert_clean(dom, log, charts=3)
+    assert 'id="stage-cost-chart"' in dom and dom.count('<rect class="bar"') == 9
+    assert 'class="highlight reference"' in dom  # the ideal cost level
+    assert "stitch-back exact" in dom and 'id="stage-table"' in dom
