@@ -300,10 +300,11 @@ def split(model_path: str | Path, outdir: str | Path, *, at: list[str] | tuple[s
           stages: int | None = None, by: str = "params", supported_ops: str | Path | list[str] | None = None,
           data: str | Path | None = None, dims: dict[str, int] | None = None, samples: int | None = None,
           report: str | Path | None = None, force: bool = False, tolerance: Tolerance | None = None,
-          progress: Progress | None = None, registry: Registry | None = None):
+          progress: Progress | None = None, registry: Registry | None = None, html: str | Path | None = None):
     """Split a model into standalone stage models plus ``manifest.json`` in ``outdir`` (one of ``at``,
     ``stages``/``by`` or ``supported_ops``, a file or a list of op specs), then chain the stages with ORT
-    against the original. Returns a ``SplitResult``; ``result.ok`` is False when the stages differ."""
+    against the original. Returns a ``SplitResult``; ``result.ok`` is False when the stages differ.
+    ``html`` also writes the page (stage costs, wiring, stitch-back)."""
     from .split_run import check_outdir, read_supported_ops, split_model, split_spec
 
     ops = read_supported_ops(supported_ops) if isinstance(supported_ops, (str, Path)) else supported_ops
@@ -316,6 +317,11 @@ def split(model_path: str | Path, outdir: str | Path, *, at: list[str] | tuple[s
                              registry=registry, progress=progress)
     if report:
         write_report(result.as_dict(), report)
+    if html:
+        from .html_report import render_split_page, write_page
+        from .runner import _jsonable
+
+        write_page(render_split_page(_jsonable(result.as_dict())), html)
     return result
 
 

@@ -45,6 +45,14 @@ def fmt(value, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def _short(value: float) -> str:
+    """A tick label of a few characters: 2.5k, 4M, 1.2G."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e4, "k")):
+        if abs(value) >= scale:
+            return f"{value / (scale if suffix != 'k' else 1e3):.3g}{suffix}"
+    return fmt(value, 3)
+
+
 def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     if hi <= lo:
         hi = lo + 1.0
@@ -77,7 +85,7 @@ def _y_axis(lo: float, hi: float, scale) -> list[str]:
             continue
         y = scale(tick)
         parts.append(f'<line class="grid" x1="{MARGIN_LEFT}" x2="{WIDTH - MARGIN_RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                     f'<text class="tick" x="{MARGIN_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{esc(fmt(tick, 3))}</text>')
+                     f'<text class="tick" x="{MARGIN_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{esc(_short(tick))}</text>')
     return parts
 
 
