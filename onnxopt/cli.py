@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(dif)
     dif.add_argument("--json", action="store_true", help="print the whole diff as JSON")
     dif.add_argument("--html", metavar="R.html", help="also write a self-contained HTML page")
+    dif.add_argument("--memory-mb", type=float, default=256,
+                     help="tensor bytes exposed per chunk, both models together (default 256)")
 
     spl = sub.add_parser("split", help="cut a model into standalone stage models and prove they chain back")
     spl.add_argument("model")
@@ -239,7 +241,8 @@ def _diff(args) -> int:
     from .runner import _jsonable
 
     result = api.diff(args.model_a, args.model_b, tensors=args.tensors, data=args.data, dims=parse_dims(args.dim),
-                      samples=args.samples, tolerance=Tolerance(args.rtol, args.atol), html=args.html)
+                      samples=args.samples, tolerance=Tolerance(args.rtol, args.atol), html=args.html,
+                      memory_budget_mb=args.memory_mb)
     if args.json:
         print(json.dumps(_jsonable(result), indent=2, default=str))
     else:

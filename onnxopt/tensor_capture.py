@@ -3,8 +3,9 @@
 Each chunk exposes a set of main-graph values as the only outputs of a copy of each
 model, runs both ORT sessions (graph optimizations disabled) on every feed, folds each
 pair of arrays into fixed-size error statistics and drops the arrays before the next
-chunk. Chunk sizes adapt to the bytes the first chunk exposed per feed, so memory is
-bounded by ``memory_budget_mb`` plus the largest single tensor, not by the model.
+chunk. Chunk sizes adapt to the bytes the first chunk exposed per feed (both models' arrays are
+alive together), so memory is bounded by ``memory_budget_mb`` plus the largest single
+tensor, not by the model.
 Tensors are paired by name in each model (``pairs``), so values matched by structure
 under different names are compared too.
 """
@@ -179,7 +180,7 @@ def compare_tensors(a: ir.Model, b: ir.Model, pairs: Sequence[tuple[str, str]], 
         for feed in feeds:
             got_a = ort_run.run(session_a, feed)
             got_b = ort_run.run(session_b, {k: v for k, v in feed.items() if k in inputs_b})
-            peak = max(peak, sum(x.nbytes for x in got_a.values()))
+            peak = max(peak, sum(x.nbytes for x in got_a.values()) + sum(x.nbytes for x in got_b.values()))
             for (name, _), out_a, out_b in zip(part, outs_a, outs_b):
                 local[name].update(got_a[out_a], got_b[out_b])
             del got_a, got_b
