@@ -20,6 +20,7 @@ def structure_problems(proto: onnx.ModelProto) -> list[str]:
     problems: list[str] = []
     _check_opsets(proto.opset_import, "the model", problems)
     _check_graph(proto.graph, outer=set(), where="main graph", problems=problems)
+    _check_function_recursion(proto, problems)
     for function in proto.functions:
         _check_opsets(function.opset_import, f"function '{function.name}'", problems)
         _check_nodes(function.node, set(function.input), f"function '{function.name}'", problems, outer=set())
@@ -100,6 +101,40 @@ def _find_cycle(nodes: list[onnx.NodeProto], available: set[str], producers: dic
         return []
     stuck = [i for i, count in enumerate(pending) if count > 0]
     return [nodes[i].name or f"{nodes[i].op_type}#{i}" for i in stuck][:5]
+
+
+def _check_function_recursion(proto: onnx.ModelProto, problems: list[str]) -> None:
+    """Local functions may not call themselves, directly or through others (ONNX forbids it;
+    inlining one would never end)."""
+    key = lambda domain, name, overload="": f"{domain}:{name}" + (f"@{overload}" if overload else "")
+    calls: dict[str, set[str]] = {}
+    for function in proto.functions:
+        nodes, callees = list(function.node), set()
+        while nodes:
+            node = nodes.pop()
+            callees.add(key(node.domain, node.op_type, getattr(node, "overload", "")))
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    nodes.extend(sub.node)
+        calls[key(function.domain, function.name, getattr(function, "overload", ""))] = callees
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for callee in sorted(calls[name] & calls.keys()):
+            if state.get(callee) == 1:
+                return path + [callee]
+            if callee not in state and (cycle := visit(callee, path + [callee])):
+                return cycle
+        state[name] = 2
+        return None
+
+    for name in calls:
+        if name not in state and (cycle := visit(name, [name])):
+            start = cycle.index(cycle[-1])
+            problems.append(f"local function '{cycle[-1]}' is recursive ({' -> '.join(cycle[start:])}); "
+                            "ONNX forbids recursive functions")
+            return
 
 
 def _check_opsets(opsets, where: str, problems: list[str]) -> None:

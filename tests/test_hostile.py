@@ -345,3 +345,15 @@ def test_quantize_static_leaves_an_activation_with_no_finite_value_float(tmp_pat
     stats = result.report["passes"][0]["stats"]  # calibration keeps finite values only: xs has none
     assert stats["fallbacks"] == {"uncalibrated": 1} and stats["quantized_nodes"] == ["mm_good"]
     assert all(np.isfinite(s).all() and (s != 0).all() for s in _scales(written).values())
+
+
+def test_recursive_local_functions_are_refused(tmp_path, capsys):
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    f = helper.make_function("local", "f", ["a"], ["b"], [helper.make_node("g", ["a"], ["b"], domain="local")], opsets)
+    g = helper.make_function("local", "g", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["r"]),
+                                                          helper.make_node("f", ["r"], ["b"], domain="local")], opsets)
+    graph = helper.make_graph([helper.make_node("f", ["x"], ["y"], domain="local")], "g",
+                              [_vi("x", TensorProto.FLOAT, [2])], [_vi("y", TensorProto.FLOAT, [2])])
+    proto = helper.make_model(graph, opset_imports=opsets, functions=[f, g])
+    _refused(capsys, tmp_path, proto, "local function 'local:f' is recursive (local:f -> local:g -> local:f)",
+             "--validate", "off")
