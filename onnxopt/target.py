@@ -193,3 +193,14 @@ def choices_text(choices: dict[str, dict]) -> str:
 
 def _text(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def target_table(cpuinfo: str | None = None) -> dict:
+    """Every target with what it chooses for the quantize passes, and what ``auto`` picks here."""
+    rows = []
+    for t in TARGETS.values():
+        static = {f"quantize-static {k}": choice[2] if len(choice) > 2 else _text(choice[0])
+                  for k, choice in t.static_defaults().items()}
+        dynamic = {f"quantize-dynamic {k}": _text(choice[0]) for k, choice in t.dynamic_defaults("auto").items()}
+        rows.append({"name": t.name, "summary": t.summary, "choices": static | dynamic})
+    return {"targets": rows, "auto": resolve("auto", cpuinfo=cpuinfo).describe()}

@@ -183,3 +183,14 @@ def test_a_recipe_may_name_the_target_and_the_api_argument_wins(tmp_path):
     recipe.write_text("target: avx2\ncolour: red\npipeline: [quantize-dynamic]\n")
     with pytest.raises(UsageError, match="unknown keys \\['colour'\\]"):
         api.optimize(path, None, recipe=recipe)
+
+
+def test_targets_lists_every_target_with_its_choices_and_marks_this_machine(capsys):
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    assert "  avx2 " in out and "quantize-dynamic weight_type: uint8" in out
+    assert "* auto on this machine: " + target.resolve("auto").name in out
+    table = target.target_table(cpuinfo=ARM_DOT)
+    assert table["auto"]["name"] == "arm-dotprod"
+    arm = next(row for row in table["targets"] if row["name"] == "arm-dotprod")
+    assert arm["choices"]["quantize-static activation_type"] == "int8"
