@@ -11,6 +11,8 @@ of the child: VmHWM, see ``common.peak_rss_bytes``):
 
 * ``copy``: shutil.copyfile of model and data, the baseline;
 * ``onnxopt-int4``: ``onnxopt optimize -p quantize-weights:bits=4,granularity=blocked --validate off``;
+* ``onnxopt-int4-validated``: the same with the default validation (``--validate each``, default
+  budget: the runner's mixed-precision search included);
 * ``onnxopt-int8``: ``onnxopt optimize -p quantize-weights:bits=8 --validate off`` (per channel);
 * ``onnxopt-dynamic``: ``onnxopt optimize -p quantize-dynamic:weight_type=int8 --validate off`` (int8 weights
   per column, MatMulInteger: the format ORT's quantize_dynamic writes below);
@@ -43,8 +45,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-TOOLS = ("copy", "onnxopt-int4", "onnxopt-int8", "onnxopt-dynamic", "ort-matmulnbits", "ort-dynamic")
+TOOLS = ("copy", "onnxopt-int4", "onnxopt-int4-validated", "onnxopt-int8", "onnxopt-dynamic", "ort-matmulnbits",
+         "ort-dynamic")
 ONNXOPT_SPECS = {"onnxopt-int4": "quantize-weights:bits=4,granularity=blocked",
+                 "onnxopt-int4-validated": "quantize-weights:bits=4,granularity=blocked",
                  "onnxopt-int8": "quantize-weights:bits=8",
                  "onnxopt-dynamic": "quantize-dynamic:weight_type=int8"}
 PEERS = ("ort-matmulnbits", "ort-dynamic")
@@ -150,7 +154,8 @@ def worker(tool: str, source: str, target: str) -> None:
         for name in ("model.onnx", "model.onnx.data"):
             shutil.copyfile(Path(source).parent / name, Path(target).parent / name)
     elif tool.startswith("onnxopt"):
-        code = main(["optimize", source, "-o", target, "-p", ONNXOPT_SPECS[tool], "--validate", "off", "--quiet"])
+        validate = [] if tool.endswith("-validated") else ["--validate", "off"]
+        code = main(["optimize", source, "-o", target, "-p", ONNXOPT_SPECS[tool], *validate, "--quiet"])
         if code != 0:
             raise SystemExit(f"onnxopt exited with {code}")
     elif tool == "ort-matmulnbits":

@@ -176,7 +176,8 @@ def stream_tensors(models: Sequence[ir.Model], feeds: Iterable[Feed], names: Seq
     while pending:
         part, pending = pending[:chunk], pending[chunk:]
         used = _run_chunk(models, dtypes, feeds, part, main, make, update, states, failed)
-        chunk = int(min(1024, max(8, memory_budget_mb * 2**20 / max(used / max(len(part), 1), 1.0))))
+        held = used * (len(feeds) * (len(models) - 1) if len(models) > 1 else 1)  # see _chunk_outputs
+        chunk = int(min(1024, max(8, memory_budget_mb * 2**20 / max(held / max(len(part), 1), 1.0))))
         if task is not None:
             progress.advance(task, len(part))
     if task is not None:
@@ -193,6 +194,40 @@ def _check_feeds(model: ir.Model, feeds: list[Feed]) -> None:
             raise InputError(f"sample {i} has no array for model input(s): {', '.join(sorted(wanted - feed.keys()))}")
 
 
+def _chunk_outputs(models, dtypes, feeds, computed):
+    """Per feed, ``[arrays of tensors computed, per model]``.
+
+    One model streams feed by feed. Several models run one after the other, each session closed
+    before the next opens (the tensors of the earlier models are kept meanwhile): a float model
+    and its quantized copy never hold their weights at the same time.
+    """
+    def session_of(model, types):
+        exposed, outs = _exposed(model, computed, types)
+        return ort_run.make_session(exposed), outs
+
+    def outputs(session, outs, feed):
+        result = ort_run.run(session, {i.name: feed[i.name] for i in session.get_inputs() if i.name in feed})
+        return [result[o] for o in outs]
+
+    if not computed:
+        yield from ([] for _ in feeds)
+        return
+    if len(models) == 1:
+        session, outs = session_of(models[0], dtypes[0])
+        for feed in feeds:
+            yield [outputs(session, outs, feed)]
+        return
+    kept: list[list[list[np.ndarray]]] = [[] for _ in feeds]
+    for model, types in zip(models, dtypes):
+        session, outs = session_of(model, types)
+        for index, feed in enumerate(feeds):
+            kept[index].append(outputs(session, outs, feed))
+        del session
+    for index in range(len(feeds)):
+        yield kept[index]
+        kept[index] = []
+
+
 def _run_chunk(models, dtypes, feeds, names, main, make, update, states, failed) -> int:
     """Run one chunk and commit its states; returns the largest bytes one feed exposed.
 
@@ -202,23 +237,14 @@ def _run_chunk(models, dtypes, feeds, names, main, make, update, states, failed)
     direct = [n for n in names if n in feeds[0]]  # graph inputs come straight from the feeds
     computed = [n for n in names if n not in feeds[0]]
     try:
-        sessions = []
-        for model, types in zip(models, dtypes):
-            if computed:
-                exposed, outs = _exposed(model, computed, types)
-                sessions.append((ort_run.make_session(exposed), outs))
         local = {name: make() for name in names}
         peak = 0
-        for feed in feeds:
-            arrays = []
-            for session, outs in sessions:
-                result = ort_run.run(session, {i.name: feed[i.name] for i in session.get_inputs() if i.name in feed})
-                arrays.append([result[o] for o in outs])
+        for index, arrays in enumerate(_chunk_outputs(models, dtypes, feeds, computed)):
             peak = max(peak, sum(a.nbytes for a in arrays[0]) if arrays else 0)
             for i, name in enumerate(computed):
                 update(local[name], [a[i] for a in arrays])
             for name in direct:
-                update(local[name], [np.asarray(feed[name])] * len(models))
+                update(local[name], [np.asarray(feeds[index][name])] * len(models))
             del arrays
         states.update(local)
         return peak
