@@ -4,7 +4,8 @@ Every role gets the numeric metrics (max abs and relative error, cosine, SNR ove
 values). Roles that carry a decision add its agreement:
 
 * ``scores``: top-1 agreement per score vector (last axis);
-* ``sequence``: per-step agreement and ``sequence_agreement`` (whole [T] sequences equal);
+* ``sequence``: per-step agreement and ``sequence_agreement`` (whole [T] sequences equal, or
+  with ``decode=ctc`` their greedy CTC strings);
 * ``probability``: the same side of ``threshold``;
 * ``embedding``: per-vector cosine, worst (``cosine_worst``) and mean, and ``nn_agreement``:
   each sample's nearest other sample (cosine, vectors mean-pooled over middle axes) is the
@@ -66,12 +67,28 @@ def _scores(role, reference, candidate) -> dict:
         agree += int(np.sum(equal))
         total += r.shape[0]
         if role.role == "sequence" and ref.ndim >= 2:
-            same_sequences += int(np.sum(equal.reshape(-1, ref.shape[-2]).all(axis=1)))
-            sequences += equal.size // ref.shape[-2]
+            steps = ref.shape[-2]
+            same = equal.reshape(-1, steps).all(axis=1)
+            if role.param("decode") == "ctc":
+                same |= _same_ctc_strings(r.reshape(-1, steps, r.shape[-1]), c.reshape(-1, steps, c.shape[-1]),
+                                          int(role.param("blank")))
+            same_sequences += int(np.sum(same))
+            sequences += same.size
     out = {"agreement": agree / total if total else None}
     if role.role == "sequence":
         out["sequence_agreement"] = same_sequences / sequences if sequences else None
     return out
+
+
+def _same_ctc_strings(reference: np.ndarray, candidate: np.ndarray, blank: int) -> np.ndarray:
+    """Per sequence of [M, T, C] scores: the greedy CTC decodes are equal."""
+    def decode(steps: np.ndarray) -> tuple[int, ...]:
+        keep = np.ones(steps.shape, bool)
+        keep[1:] = steps[1:] != steps[:-1]
+        return tuple(int(s) for s in steps[keep & (steps != blank)])
+
+    ref_steps, cand_steps = np.argmax(reference, axis=-1), np.argmax(candidate, axis=-1)
+    return np.array([decode(r) == decode(c) for r, c in zip(ref_steps, cand_steps)], bool)
 
 
 def _probability(role, reference, candidate) -> dict:

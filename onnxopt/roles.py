@@ -25,7 +25,9 @@ ROLES = ("scores", "sequence", "probability", "embedding", "boxes", "state", "ra
 # Parameters each role takes, with defaults (text values are parsed by the role's metric).
 ROLE_PARAMS: dict[str, dict[str, float | str]] = {
     "scores": {},
-    "sequence": {},
+    # decode=ctc: a sequence also agrees when its greedy CTC strings (repeats collapsed, ``blank``
+    # dropped) are equal, as a text recognizer reads them.
+    "sequence": {"decode": "steps", "blank": 0},
     "probability": {"threshold": 0.5},
     "embedding": {},
     # layout: ``cxa`` = [N, 4+C, A] (YOLOv8), ``ac`` = [N, A, 4+C], ``aoc`` = [N, A, 5+C] (YOLOv5,
@@ -107,6 +109,8 @@ def parse_role(text: str, *, declared: bool = True, why: str = "declared") -> Ou
     if role == "boxes" and params.get("layout", "auto") not in ("auto", "cxa", "ac", "aoc"):
         raise UsageError(f"boxes layout must be auto, cxa ([N,4+C,A]), ac ([N,A,4+C]) or aoc ([N,A,5+C]), "
                          f"not '{params['layout']}'")
+    if role == "sequence" and params.get("decode", "steps") not in ("steps", "ctc"):
+        raise UsageError(f"sequence decode must be steps or ctc, not '{params['decode']}'")
     if role == "boxes" and params.get("box", "xywh") not in ("xywh", "xyxy"):
         raise UsageError(f"boxes box must be xywh or xyxy, not '{params['box']}'")
     return OutputRole(role, declared, why, params, floors)

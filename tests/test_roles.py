@@ -213,3 +213,17 @@ def test_with_few_feeds_the_search_holds_nothing_out_and_says_so(mlp_path, tmp_p
     holdout = result.report["passes"][0]["fallback"]["holdout"]
     assert holdout["held_out_feeds"] == 0 and holdout["confirmed"] is None
     assert any("only 4 validation feeds" in note and "nothing was held out" in note for note in result.report["notes"])
+
+
+def test_ctc_decoding_lets_a_sequence_agree_when_its_string_does():
+    blank, a, b = np.eye(3, dtype=np.float32)
+    reference = np.stack([a, a, blank, b])[None]    # "a a _ b" reads "ab"
+    candidate = np.stack([a, blank, blank, b])[None]  # "a _ _ b" reads "ab" too
+    other = np.stack([a, blank, a, b])[None]          # "a _ a b" reads "aab"
+    steps, ctc = OutputRole("sequence"), parse_role("sequence:decode=ctc")
+    assert measure(steps, [reference], [candidate])["sequence_agreement"] == 0.0
+    assert measure(ctc, [reference], [candidate])["sequence_agreement"] == 1.0
+    assert measure(ctc, [reference], [other])["sequence_agreement"] == 0.0
+    assert measure(ctc, [reference], [candidate])["agreement"] == 0.75  # steps still count per step
+    with pytest.raises(UsageError, match="decode must be steps or ctc"):
+        parse_role("sequence:decode=beam")
