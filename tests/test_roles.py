@@ -227,3 +227,10 @@ def test_ctc_decoding_lets_a_sequence_agree_when_its_string_does():
     assert measure(ctc, [reference], [candidate])["agreement"] == 0.75  # steps still count per step
     with pytest.raises(UsageError, match="decode must be steps or ctc"):
         parse_role("sequence:decode=beam")
+
+
+def test_the_bundled_classifier_is_inferred_as_scores(cls_path):
+    model = load_model(cls_path)
+    feeds, _ = api.make_feeds(model, None, {"x.2": 48, "x.3": 192}, 2)
+    (name, role), = Validator(model, feeds).roles.items()
+    assert role.role == "scores" and role.why.startswith("produced by Softmax") and not role.declared
