@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 
 from onnxopt import api
+from onnxopt.metrics import Budget
 from onnxopt.models import builders
 
 
@@ -139,3 +140,16 @@ def test_eval_data_checks_only_the_finished_model(tmp_path):
     final = result.report["final_validation"]
     assert (final["feeds"], final["count"]) == ("evaluation", 6) and result.report["inputs"]["eval_feeds"] == 6
     assert result.ok == (not final["breaches"]) and (tmp_path / "a.onnx").exists() == result.ok
+
+
+def test_validate_end_holds_a_lossy_pass_to_its_speedup_floor_too():
+    from onnxopt import target
+    from onnxopt.runner import RunConfig, Runner
+    from onnxopt.spec import parse_pipeline
+    from tests.test_speed import FakeTimer, feeds, model
+
+    config = RunConfig(validate="end", budget=Budget.parse("cosine=0.9,speedup=1.5"), speed_timer=FakeTimer(5.0, 4.0),
+                       target=target.resolve("avx512-vnni"))
+    result = Runner(parse_pipeline(["quantize-static:min_reduction=0"]), config).run(model(), feeds())
+    step = result.steps[0]
+    assert step.status == "rolled_back" and "speedup 1.11x < 1.5" in step.reason and not result.ok
