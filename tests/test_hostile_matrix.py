@@ -106,7 +106,7 @@ def run_one(tmp_path, pass_name: str, model_name: str) -> str:
     out = tmp_path / "out.onnx"
     out.unlink(missing_ok=True)
     try:
-        result = api.optimize(path, out, [eager_spec(pass_name, proto)], budget="none", samples=2, dims={"seq": 4},
+        result = api.optimize(path, out, [pass_name if ":" in pass_name else eager_spec(pass_name, proto)], budget="none", samples=2, dims={"seq": 4},
                               reproducer_dir=tmp_path / "crash")
     except OnnxoptError as exc:
         message = str(exc)
@@ -142,6 +142,23 @@ def test_pass_survives_hostile_model(tmp_path, pass_name, model_name):
 @pytest.mark.parametrize("pass_name, model_name", list(_cases(m for m in CORPUS if m not in FAST)))
 def test_pass_survives_hostile_model_slow(tmp_path, pass_name, model_name):
     run_one(tmp_path, pass_name, model_name)
+
+
+# Non-default options that take other code paths (packed 4/2-bit storage and the opset upgrade,
+# float16 I/O, int16 activations, int8 dynamic weights); run under slow.
+VARIANTS = ("quantize-weights:bits=4,granularity=blocked,min_elements=1", "quantize-weights:bits=2,min_elements=1",
+            "convert-float16:keep_io_types=false", "quantize-static:activation_type=int16,min_reduction=1,min_sqnr_db=0",
+            "quantize-dynamic:weight_type=int8,min_reduction=1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", VARIANTS)
+@pytest.mark.parametrize("model_name", list(CORPUS))
+def test_pass_variant_survives_hostile_model(tmp_path, spec, model_name):
+    from onnxopt import parse_pipeline
+
+    parse_pipeline([spec])  # a misspelt option would make every run a refusal
+    run_one(tmp_path, spec, model_name)
 
 
 def test_the_control_model_works_with_every_pass(tmp_path):
