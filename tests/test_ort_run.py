@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import onnx_ir as ir
@@ -15,7 +11,7 @@ import pytest
 from onnxopt import ort_run
 from onnxopt.model_io import load_model
 from onnxopt.passes.quantize import QuantizeWeightsPass
-from test_bigmodel import write_external_model
+from test_bigmodel import peak_growth_of_optimize, write_external_model
 
 
 def test_external_weights_are_fed_from_the_data_file_not_copied(tmp_path):
@@ -58,23 +54,6 @@ def test_optimized_sessions_and_inline_models_are_plain_sessions(tmp_path):
     assert not isinstance(ort_run.make_session(inline), ort_run.FedWeightsSession)
 
 
-_CHILD = textwrap.dedent("""
-    import json, sys
-
-    def hwm():
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-
-    from onnxopt import api
-    from onnxopt.registry import default_registry
-
-    default_registry()
-    baseline = hwm()
-    result = api.optimize(sys.argv[1], sys.argv[2], [sys.argv[3]])
-    print(json.dumps({"ok": result.ok, "baseline": baseline, "peak": hwm()}))
-""")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for the peak RSS")
 def test_validated_quantization_of_a_200mb_model_stays_near_the_model_size(tmp_path):
     """The reference run reads every weight once (about 1x); candidates and the per-tensor SQNR
@@ -82,10 +61,5 @@ def test_validated_quantization_of_a_200mb_model_stays_near_the_model_size(tmp_p
     source = write_external_model(tmp_path / "in", d=1024, layers=12)
     model_bytes = (source.parent / "model.onnx.data").stat().st_size
     out = tmp_path / "out" / "q.onnx"
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(source), str(out), "quantize-weights:bits=8"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["ok"]
-    growth = report["peak"] - report["baseline"]
+    growth = peak_growth_of_optimize(source, out, "quantize-weights:bits=8", validate="each")
     assert growth < 1.35 * model_bytes, f"peak grew by {growth / 1e6:.0f} MB for a {model_bytes / 1e6:.0f} MB model"
