@@ -17,7 +17,7 @@ from .cleanup import (
     RewritePatternsPass,
     SortTopologicallyPass,
 )
-from .prune import PruneChannelsPass
+from .prune import DropPrunedInitializersPass, PruneChannelsPass, PruneWeightsPass
 from .quantize import ConvertFloat16Pass, QuantizeDynamicPass, QuantizeStaticPass, QuantizeWeightsPass
 from .share import ClusterWeightsPass, MergeIdenticalWeightsPass
 from .split import SplitAtTensorsPass, SplitStagesPass, SplitSupportedOpsPass
@@ -39,6 +39,8 @@ PASSES: tuple = (
     ConvertFloat16Pass,
     # prune (lossy; lossless with lossless=true)
     PruneChannelsPass,
+    PruneWeightsPass,
+    DropPrunedInitializersPass,
     # share (merge-identical lossless; the others lossy)
     MergeIdenticalWeightsPass,
     ClusterWeightsPass,
@@ -58,9 +60,7 @@ FAMILIES: dict[str, list[str]] = {
         "remove-unused",
         "sort-topologically",
     ],
-    "prune": [
-        "prune-channels",
-    ],
+    "prune": ["prune-channels", "drop-pruned-initializers"],
     "share": ["merge-identical-weights"],
 }
 
