@@ -19,6 +19,7 @@ from onnxopt.calibration import stream_tensors
 from .common import attr_int, attr_ints
 
 MAX_POSITIONS = 4096  # sampled rows per sample and consumer
+MIN_ROWS_PER_FEATURE = 4  # a refit needs this many calibration rows per kept input column
 
 
 def _by_name(names: list[str], make_for):
@@ -88,8 +89,8 @@ class Refit:
 
     def solve(self, ridge: float = 1e-6) -> tuple[np.ndarray, np.ndarray] | None:
         """(weight [M', C'...], bias [M']) of the refit, or None without data."""
-        if self.gram is None or self.rows == 0:
-            return None
+        if self.gram is None or self.rows < MIN_ROWS_PER_FEATURE * self.gram.shape[0]:
+            return None  # too few calibration rows for this many weights: a refit would overfit
         gram = self.gram.copy()
         scale = np.trace(gram) / gram.shape[0]
         gram[np.diag_indices_from(gram)] += ridge * max(scale, 1e-12)
