@@ -190,6 +190,7 @@ def test_channels_read_inside_an_if_body_stay_whole_and_the_rest_is_pruned():
     assert shape_of(model, "wa") == (8, 4, 3, 3)  # read by the If branches
     assert shape_of(model, "wp") == (4, 4, 3, 3)
     assert any("subgraph" in reason for reason in result.stats["groups_kept_whole"])
+    assert "subgraph_layers_not_pruned" not in result.stats  # the bodies hold no layer
     feeds = {"x": RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)}
     want, got = run_ort(before, feeds), run_ort(model, feeds)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)  # the If path is untouched
@@ -288,3 +289,30 @@ def test_bundled_classifier_with_constant_node_weights_runs_and_shrinks():
     want, got = run_ort(before, feeds)[0], run_ort(model, feeds)[0]
     assert got.shape == want.shape
     onnx.checker.check_model(ir.to_proto(model))
+
+
+def test_flatten_into_gemm_and_transpose_into_matmul_follow_the_channel_axis():
+    dead = (0, 3, 4, 7)
+    model = build([
+        conv("x", "wa", "ba", "a"), helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[4, 4], strides=[4, 4]),
+        helper.make_node("Flatten", ["p"], ["f"], axis=1),  # [1, 8*2*2]: each channel spans 4 features
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], transB=1),
+        helper.make_node("Transpose", ["a"], ["t"], perm=[0, 2, 3, 1]), helper.make_node("MatMul", ["t", "wm"], ["y2"]),
+    ], {"wa": conv_w(8, 4, zero=dead), "ba": bias(8, dead), "wg": RNG.standard_normal((5, 32)).astype(np.float32),
+        "bg": bias(5), "wm": RNG.standard_normal((8, 3)).astype(np.float32)}, outputs=("y", "y2"))
+    before, result = prune(model, ratio=0.5)
+    assert shape_of(model, "wg") == (5, 16) and shape_of(model, "wm") == (4, 3)
+    assert_same_outputs(before, model)
+
+
+def test_per_channel_dequantize_parameters_are_sliced():
+    dead = (1, 2)
+    model = build([
+        conv("x", "wa", "ba", "a"),
+        helper.make_node("QuantizeLinear", ["a", "s", "z"], ["q"], axis=1),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], axis=1), conv("d", "wc", "bc", "y"),
+    ], {"wa": conv_w(4, 4, zero=dead), "ba": bias(4, dead), "s": np.array([0.1, 0.2, 0.3, 0.4], np.float32),
+        "z": np.zeros(4, np.int8), "wc": conv_w(3, 4), "bc": bias(3)})
+    before, result = prune(model, ratio=0.5)
+    assert shape_of(model, "s") == (2,) and shape_of(model, "z") == (2,)
+    assert_same_outputs(before, model)

@@ -32,13 +32,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import UsageError
+from onnxopt.graph_walk import all_graphs
 from onnxopt.model_stats import compute_estimate
 from onnxopt.naming import Namer
 from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.selectors import NameFilter, promote_field, promote_filter, selector_field, selector_from_options
 
 from . import activations
-from .common import constant_array, set_constant
+from .common import PRUNABLE_OPS, constant_array, set_constant
 from .depgraph import ChannelGraph, build_channel_graph
 
 NAME = "prune-channels"
@@ -103,6 +104,9 @@ class PruneChannelsPass(Pass):
         plan = _Plan(graph, model, opts, self.context)
         removed = plan.choose(selected, promote)
         stats = plan.stats
+        inner = sum(1 for g in all_graphs(model) if g is not model.graph for n in g if n.op_type in PRUNABLE_OPS)
+        if inner:
+            stats["subgraph_layers_not_pruned"] = inner  # only the main graph's channels are removed
         if not removed:
             stats.update(channels_removed=0, quantized_nodes=[])
             return PassResult(model, False, stats)
