@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -67,23 +66,6 @@ CANDIDATES: dict[str, dict] = {
 }
 RECONSTRUCTED = ("onnxopt-channels-0.5-rec", "onnxopt-channels-0.5-act-rec", "onnxopt-channels-0.1-act-rec",
                  "onnxopt-channels-0.25-act-rec")
-
-
-def cpu_line() -> str:
-    """CPU model and the SIMD flags that matter to ORT's kernels."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name") and model in ("", "unknown CPU", platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile") if f in flags]
-    return f"CPU: {model}; {os.cpu_count()} cores visible; ISA: {' '.join(isa) or 'unknown'}"
 
 
 # --- the child process --------------------------------------------------------------------
@@ -319,7 +301,8 @@ def main() -> int:
     only = set(args.candidates) if args.candidates else None
     rows: list[dict] = []
     started = time.perf_counter()
-    print(cpu_line())
+    for line in common.machine_lines():
+        print(line)
     with tempfile.TemporaryDirectory(prefix="onnxopt-cbench-") as tmp:
         for name in names:
             rows.extend(bench_model(name, Path(tmp), args.calib, eval_count, rounds, only))

@@ -36,7 +36,7 @@ from onnxopt.graph_walk import all_graphs
 from onnxopt.model_stats import compute_estimate
 from onnxopt.naming import Namer
 from onnxopt.pass_base import Fidelity, Pass, PassResult
-from onnxopt.selectors import NameFilter, promote_field, promote_filter, selector_field, selector_from_options
+from onnxopt.selectors import NameFilter, SelectorOptions, promote_field, promote_filter, selector_from_options
 
 from . import activations
 from .common import PRUNABLE_OPS, constant_array, set_constant
@@ -50,18 +50,15 @@ def _opt(default, help_text):
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneChannelsOptions:
+class PruneChannelsOptions(SelectorOptions):
+    """The shared selectors (nodes, exclude_nodes, ops, exclude_ops, region) come first."""
+
     ratio: float = _opt(0.5, "fraction of each channel group to remove (0 <= ratio < 1)")
     criterion: Literal["l1", "l2", "bn", "activation"] = _opt("l2", "how channels are ranked")
     lossless: bool = _opt(False, "remove only provably dead channels (outputs stay bit-identical); ignores ratio")
     reconstruct: bool = _opt(False, "refit the consumers' weights and bias by least squares on calibration feeds")
     round_to: int = _opt(1, "keep a multiple of this many channels per group where the group is larger "
                             "(8 or 16 suit blocked CPU kernels)")
-    nodes: tuple[str, ...] = selector_field("nodes")
-    exclude_nodes: tuple[str, ...] = selector_field("exclude_nodes")
-    ops: tuple[str, ...] = selector_field("ops")
-    exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
-    region: tuple[str, ...] = selector_field("region")
     promote_nodes: tuple[str, ...] = promote_field()
     promote_ratio: float = _opt(-1.0, "ratio of promote_nodes' groups; -1: half of ratio")
 

@@ -38,7 +38,7 @@ from onnxopt.model_stats import compute_estimate
 from onnxopt.naming import Namer
 from onnxopt.pass_base import Fidelity, Pass, PassResult
 from onnxopt.passes.quantize.weights_store import Store
-from onnxopt.selectors import promote_field, promote_filter, selector_field, selector_from_options
+from onnxopt.selectors import SelectorOptions, promote_field, promote_filter, selector_from_options
 
 from . import activations
 from .common import constant_array, opset, set_constant
@@ -52,18 +52,15 @@ def _opt(default, help_text):
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneWeightsOptions:
+class PruneWeightsOptions(SelectorOptions):
+    """The shared selectors (nodes, exclude_nodes, ops, exclude_ops, region) come first."""
+
     sparsity: float = _opt(0.5, "fraction of weights set to zero (0 <= sparsity < 1)")
     scope: Literal["layer", "global"] = _opt("layer", "rank within each layer, or over all selected layers")
     importance: Literal["l1", "l2", "activation", "entropy"] = _opt("l1", "how weights are ranked")
     storage: Literal["dense", "packed"] = _opt("dense", "packed: non-zero values + bit mask, rebuilt at run time")
     min_elements: int = _opt(64, "leave weights with fewer elements alone")
     pack_min_elements: int = _opt(4096, "storage=packed: keep smaller weights dense (the unpacking ops cost ~1.5 KB)")
-    nodes: tuple[str, ...] = selector_field("nodes")
-    exclude_nodes: tuple[str, ...] = selector_field("exclude_nodes")
-    ops: tuple[str, ...] = selector_field("ops")
-    exclude_ops: tuple[str, ...] = selector_field("exclude_ops")
-    region: tuple[str, ...] = selector_field("region")
     promote_nodes: tuple[str, ...] = promote_field()
     promote_sparsity: float = _opt(-1.0, "sparsity of promote_nodes' weights; -1: half of sparsity")
 
