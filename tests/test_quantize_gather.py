@@ -182,3 +182,17 @@ def test_a_gather_in_a_local_function_imports_the_contrib_domain_there():
     assert result.stats["gather_rows"] and function.opset_imports["com.microsoft"] == 1
     ids = IDS % 40
     np.testing.assert_allclose(run_ort(model, {"ids": ids})[0], run_ort(before, {"ids": ids})[0], atol=0.01)
+
+
+@pytest.mark.parametrize("fmt", ["contrib", "onnx"])
+def test_one_gathered_row_and_negative_ids(fmt):
+    # one row's scale has one element, which ORT would read as a per-tensor DequantizeLinear scale
+    model = with_table("""<ir_version: 8, opset_import: ["" : 17]>
+        g (int64[1,1] ids, int64 one) => (float[1,1,64] y, float[64] z) { y = Gather(table, ids)  z = Gather(table, one) }""")
+    table = table_of(model)
+    quantize(model, gather=fmt)
+    q, scale, zp, _ = qm.quantize_weight(table, qm.QuantType(8), 0)
+    dequantized = qm.dequantize(q, scale, zp, qm.QuantType(8), 0)
+    y, z = run_ort(model, {"ids": np.array([[-1]]), "one": np.array(-3)})
+    np.testing.assert_array_equal(y, dequantized[[[-1]]])
+    np.testing.assert_array_equal(z, dequantized[-3])

@@ -8,8 +8,8 @@ and each Gather becomes either
   packed table, which dequantizes the gathered rows only (8 bits as uint8, 4 bits as
   uint8 holding two values per byte, or as uint4 when the table is shared);
 * ``gather=onnx``: standard ops, ``Gather`` of the integers, of the scales (and zero points),
-  then a blocked ``DequantizeLinear`` (opset 21) over the gathered rows (8 and 16 bits: ORT's
-  Gather takes no int4).
+  then a blocked ``DequantizeLinear`` (opset 21) over the gathered rows, or Cast/Sub/Mul for
+  one scale per row (8 and 16 bits: ORT's Gather takes no int4).
 
 Other consumers of the same table (a tied output projection ``MatMul(h, Transpose(table))``)
 read one ``DequantizeLinear`` of the same integers, so the table is stored once. A signed
@@ -155,8 +155,8 @@ def replace_gathers(rows: Rows, q: ir.Value, scale: ir.Value, zp: ir.Value | Non
         else:
             parts = [_node("Gather", [t, ids], {}, namer.fresh(f"{base}_{what}"))
                      for t, what in ((q, "q"), (scale, "scale"), (zp, "zero_point")) if t is not None]
-            nodes = parts + [_node("DequantizeLinear", [p.outputs[0] for p in parts],
-                                   {"axis": -1, "block_size": rows.block}, namer.fresh(f"{base}_rows"))]
+            nodes = parts + _dequantize_rows([p.outputs[0] for p in parts], rows.block, scale.shape[1] == 1,
+                                             base, namer)
         out = nodes[-1].outputs[0]
         out.dtype = ir.DataType.FLOAT
         if ids.shape is not None:
@@ -164,6 +164,21 @@ def replace_gathers(rows: Rows, q: ir.Value, scale: ir.Value, zp: ir.Value | Non
         ir.convenience.replace_nodes_and_values(graph, gather, [gather], nodes, [old], [out])
         if gather.name:
             nodes[-1].name = gather.name
+
+
+def _dequantize_rows(gathered: list[ir.Value], block: int, per_row: bool, base: str, namer) -> list[ir.Node]:
+    """Nodes computing ``(q - zero_point) * scale`` of gathered rows. One scale per row is applied
+    with Cast/Sub/Mul, which broadcast: ORT reads a one-element scale (a single gathered row) as
+    per tensor and then refuses DequantizeLinear's ``block_size``."""
+    if not per_row:
+        return [_node("DequantizeLinear", gathered, {"axis": -1, "block_size": block}, namer.fresh(f"{base}_rows"))]
+    q, scale, zp = (gathered + [None])[:3]
+    nodes = [_node("Cast", [q], {"to": ir.DataType.FLOAT}, namer.fresh(f"{base}_q_float"))]
+    if zp is not None:
+        nodes.append(_node("Cast", [zp], {"to": ir.DataType.FLOAT}, namer.fresh(f"{base}_zero_point_float")))
+        nodes.append(_node("Sub", [nodes[0].outputs[0], nodes[1].outputs[0]], {}, namer.fresh(f"{base}_centred")))
+    nodes.append(_node("Mul", [nodes[-1].outputs[0], scale], {}, namer.fresh(f"{base}_rows")))
+    return nodes
 
 
 def dequantize_table(rows: Rows, q: ir.Value, scale: ir.Value, zp: ir.Value | None, store, name: str) -> ir.Value:
