@@ -649,6 +649,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None, help="latency rounds; default 12, quick 5")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--from-json", type=Path, default=None, help="print the table and verdicts of saved rows")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--target", default="auto", help="onnxopt's target CPU: auto (this machine) or a name "
                         "from onnxopt.target.TARGETS (ORT candidates and the timings always run on this machine)")
@@ -657,6 +658,11 @@ def main() -> int:
     BENCH_TARGET = args.target
     if args.worker:
         worker(json.loads(args.worker))
+        return 0
+    if args.from_json:  # the table and verdicts of rows saved by --json (written after every model)
+        rows = json.loads(args.from_json.read_text())
+        print(markdown_table(rows) if args.markdown else "\n".join(json.dumps(r, default=str) for r in rows))
+        print("\n" + "\n".join(verdicts(rows)))
         return 0
     names = args.models or list(MODELS)
     unknown = [n for n in names if n not in MODELS]
@@ -677,6 +683,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="onnxopt-qbench-") as tmp:
         for name in names:
             rows.extend(bench_model(name, Path(tmp), args.calib, eval_count, rounds, only))
+            if args.json:  # after every model, so a long run that is stopped keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=1, default=str))
     if args.markdown:
         print(markdown_table(rows))
     else:
