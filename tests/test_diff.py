@@ -118,3 +118,14 @@ def test_structural_diff_reports_op_changes_and_json(tmp_path, capsys):
     document = json.loads(capsys.readouterr().out)
     assert document["structure"]["op_delta"] == {"Identity": 1}
     assert document["tensors"]["first_divergence"] is None
+
+
+def test_the_real_classifier_against_its_cleaned_copy(tmp_path, cls_path):
+    dims = {"x.2": 48, "x.3": 192}
+    cleaned = tmp_path / "clean.onnx"
+    assert api.optimize(cls_path, cleaned, ["cleanup"], dims=dims).ok
+    result = api.diff(cls_path, cleaned, tensors=True, dims=dims, samples=2)
+    structure = result["structure"]
+    assert structure["op_delta"]["BatchNormalization"] < 0 and structure["constants_lifted"]
+    assert structure["nodes_matched"]["structure"] > 0  # the renamed Convs
+    assert result["tensors"]["compared"] > 100 and result["tensors"]["first_divergence"] is None
