@@ -115,6 +115,7 @@ def test_a_lossless_pass_is_not_timed():
     assert timer.calls == 0 and result.steps[0].speed is None
 
 
+@pytest.mark.real_timing
 def test_static_quantization_reports_the_measured_ratio(tmp_path):
     path = tmp_path / "m.onnx"
     ir.save(model(), path)
