@@ -178,7 +178,9 @@ def stage_model(model: ir.Model, plan: SplitPlan, stage: StagePlan,
     clone.graph.inputs.clear()
     clone.graph.inputs.extend(new_inputs)
     drop = [n for n in clone.graph if n not in keep]
-    clone.graph.remove(drop, safe=True)
+    for node in drop:  # detach first, bodies included: safe removal does not see uses from inside bodies
+        _detach(node)
+    clone.graph.remove(drop, safe=False)
     for name, value in list(clone.graph.initializers.items()):
         if not value.uses() and not value.is_graph_output():
             del clone.graph.initializers[name]
@@ -186,6 +188,16 @@ def stage_model(model: ir.Model, plan: SplitPlan, stage: StagePlan,
     clone.metadata_props["onnxopt.split.stage"] = str(stage.index)
     clone.metadata_props["onnxopt.split.partition"] = stage.partition
     return clone
+
+
+def _detach(node: ir.Node) -> None:
+    from .graph_walk import node_subgraphs
+
+    for body in node_subgraphs(node):
+        for inner in body:
+            _detach(inner)
+    for index in range(len(node.inputs)):
+        node.replace_input_with(index, None)
 
 
 def value_types(model: ir.Model, shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None) -> dict:
@@ -220,6 +232,8 @@ def value_types(model: ir.Model, shapes: dict[str, tuple[tuple[int, ...], np.dty
                 value_type, shape = ir.TensorType(dtype), None
             elif shape is not None and not _agrees(shape, measured[0]):
                 shape = None
+        if shape is None and measured is not None:  # rank known, sizes left free (checkers want a shape)
+            shape = ir.Shape([None] * len(measured[0]))
         if value_type is not None:
             result[name] = (value_type, shape)
     return result
