@@ -125,33 +125,34 @@ def compute_estimate(model: ir.Model, input_shapes: dict[str, tuple] | None = No
     for node in model.graph:
         if node.op_type not in _MAC_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        out = _weight_size(node.outputs[0], shapes)
-        if node.op_type in ("Conv", "ConvTranspose"):
-            w = shapes.get(node.inputs[1].name)
-            per = None if w is None or any(d is None for d in w) else w
-            if per is None or out is None:
-                flops = None
-                break
-            kernel = 1
-            for d in per[2:]:
-                kernel *= d
-            if node.op_type == "Conv":
-                macs = out * per[1] * kernel
-            else:
-                x = _weight_size(node.inputs[0], shapes)
-                macs = None if x is None else x * per[1] * kernel
-                if macs is None:
-                    flops = None
-                    break
-        else:
-            a = shapes.get(node.inputs[0].name)
-            k = None if a is None or not a else a[-1 if node.op_type == "MatMul" or not _trans(node, "transA") else 0]
-            if k is None or out is None:
-                flops = None
-                break
-            macs = out * k
+        macs = node_macs(node, shapes)
+        if macs is None:
+            flops = None
+            break
         flops += 2 * macs
     return {"parameters": parameters, "bytes": nbytes, "flops": flops}
+
+
+def node_macs(node: ir.Node, shapes: dict[str, tuple]) -> int | None:
+    """Multiply-accumulates of one Conv, ConvTranspose, Gemm or MatMul node from value shapes by
+    name (None dims unknown); None for other ops or when a shape it needs is unknown."""
+    if node.op_type not in _MAC_OPS or node.domain not in ("", "ai.onnx") or not node.outputs:
+        return None
+    out = _weight_size(node.outputs[0], shapes)
+    if node.op_type in ("Conv", "ConvTranspose"):
+        w = shapes.get(node.inputs[1].name) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if w is None or any(d is None for d in w) or out is None:
+            return None
+        kernel = 1
+        for d in w[2:]:
+            kernel *= d
+        if node.op_type == "Conv":
+            return out * w[1] * kernel
+        x = _weight_size(node.inputs[0], shapes)
+        return None if x is None else x * w[1] * kernel
+    a = shapes.get(node.inputs[0].name) if node.inputs and node.inputs[0] is not None else None
+    k = None if a is None or not a else a[-1 if node.op_type == "MatMul" or not _trans(node, "transA") else 0]
+    return None if k is None or out is None else out * k
 
 
 def _trans(node: ir.Node, name: str) -> bool:

@@ -2,8 +2,8 @@
 
 ``params`` counts the elements of constant tensors a node reads (initializers and Constant
 outputs, shared ones divided among their readers), bodies included. ``flops`` is an estimate
-from ORT-measured tensor shapes: 2*MACs for Conv/ConvTranspose/MatMul/Gemm and the recurrent
-ops, one per output element for everything else; a node with bodies costs what its body
+from ORT-measured tensor shapes: 2*MACs for Conv/ConvTranspose/MatMul/Gemm (``node_macs`` of
+onnxopt.model_stats, shared with its whole-model estimate) and the recurrent ops, one per output element for everything else; a node with bodies costs what its body
 nodes would at the sizes known (2 per weight element where shapes are unknown).
 ``memory`` is the bytes of the constants a node holds plus the bytes of the tensors it produces.
 """
@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.graph_walk import node_subgraphs
+from onnxopt.model_stats import node_macs
 from onnxopt.split_marks import is_free_constant
 
 from .partition import read_values
@@ -103,17 +104,11 @@ def node_flops(node: ir.Node, shapes) -> int:
     ins = [_shape(v, shapes) for v in node.inputs]
     out = _shape(node.outputs[0], shapes) if node.outputs else None
     op = node.op_type
-    if op in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv") and len(ins) > 1:
-        weight = ins[3] if op == "QLinearConv" and len(ins) > 3 else ins[1]
-        if weight is not None and out is not None:
-            per_output = math.prod(weight[1:])  # (Cin/group) * kernel
-            if op == "ConvTranspose":
-                return 2 * math.prod(ins[0]) * weight[1] * math.prod(weight[2:]) if ins[0] else 0
-            return 2 * math.prod(out) * per_output
-    if op in ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "FusedMatMul") and ins and ins[0] and out:
-        k = ins[0][-1] if op != "Gemm" or not node.attributes.get("transA") or not node.attributes["transA"].as_int() \
-            else ins[0][0]
-        return 2 * math.prod(out) * k
+    known = {v.name: shape for v, shape in zip(list(node.inputs) + list(node.outputs[:1]), ins + [out])
+             if v is not None and shape is not None}
+    macs = node_macs(node, known)
+    if macs is not None:
+        return 2 * macs
     if op in ("LSTM", "GRU", "RNN") and len(ins) > 2 and ins[0] and ins[1] and ins[2]:
         seq, batch = ins[0][0], ins[0][1]
         w, r = ins[1], ins[2]
