@@ -299,11 +299,13 @@ def inspect(model_path: str | Path) -> dict:
 def split(model_path: str | Path, outdir: str | Path, *, at: list[str] | tuple[str, ...] | None = None,
           stages: int | None = None, by: str = "params", supported_ops: str | Path | list[str] | None = None,
           data: str | Path | None = None, dims: dict[str, int] | None = None, samples: int | None = None,
-          report: str | Path | None = None, force: bool = False, tolerance: Tolerance | None = None,
-          progress: Progress | None = None, registry: Registry | None = None, html: str | Path | None = None):
+          report: str | Path | None = None, force: bool = False, share_weights: bool = False,
+          tolerance: Tolerance | None = None, progress: Progress | None = None, registry: Registry | None = None,
+          html: str | Path | None = None):
     """Split a model into standalone stage models plus ``manifest.json`` in ``outdir`` (one of ``at``,
     ``stages``/``by`` or ``supported_ops``, a file or a list of op specs), then chain the stages with ORT
-    against the original. Returns a ``SplitResult``; ``result.ok`` is False when the stages differ.
+    against the original. ``share_weights`` stores every initializer once in ``outdir/weights.data``.
+    Returns a ``SplitResult``; ``result.ok`` is False when the stages differ.
     ``html`` also writes the page (stage costs, wiring, stitch-back)."""
     from .split_run import check_outdir, read_supported_ops, split_model, split_spec
 
@@ -313,7 +315,8 @@ def split(model_path: str | Path, outdir: str | Path, *, at: list[str] | tuple[s
     model = load_model(model_path)
     feeds, _ = make_feeds(model, data, dims, samples)
     with _hint_on_generated_inputs(not data):
-        result = split_model(model, model_path, outdir, spec, feeds, force=force, tolerance=tolerance,
+        result = split_model(model, model_path, outdir, spec, feeds, force=force, share_weights=share_weights,
+                             tolerance=tolerance,
                              registry=registry, progress=progress)
     if report:
         write_report(result.as_dict(), report)

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     spl.add_argument("--force", action="store_true", help="write into a non-empty OUTDIR (replacing an earlier split)")
     spl.add_argument("--html", metavar="R.html", help="also write a self-contained HTML page (stage costs, wiring, "
                      "stitch-back)")
+    spl.add_argument("--share-weights", action="store_true",
+                     help="store every initializer once in OUTDIR/weights.data instead of copying it into each stage")
 
     mrg = sub.add_parser("merge", help="rebuild one model from a split manifest")
     mrg.add_argument("manifest")
@@ -259,7 +261,8 @@ def _split(args) -> int:
         raise UsageError(f"--stages must be at least 1, got {args.stages}")
     result = api.split(args.model, args.output, at=at, stages=args.stages, by=args.by, supported_ops=args.supported_ops,
                        data=args.data, dims=parse_dims(args.dim), samples=args.samples, report=args.report,
-                       force=args.force, tolerance=Tolerance(args.rtol, args.atol), html=args.html)
+                       force=args.force, share_weights=args.share_weights, tolerance=Tolerance(args.rtol, args.atol),
+                       html=args.html)
     from .split_run import print_split
 
     print_split(result)

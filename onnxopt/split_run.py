@@ -115,10 +115,11 @@ def check_outdir(outdir: Path, force: bool) -> None:
 
 
 def split_model(model: ir.Model, model_path: str | Path | None, outdir: str | Path, spec: PassSpec,
-                feeds: list[dict[str, np.ndarray]], *, force: bool = False, tolerance: Tolerance | None = None,
-                registry: Registry | None = None, progress=None) -> SplitResult:
+                feeds: list[dict[str, np.ndarray]], *, force: bool = False, share_weights: bool = False,
+                tolerance: Tolerance | None = None, registry: Registry | None = None, progress=None) -> SplitResult:
     """Mark partitions on ``model`` with ``spec``'s pass, write the stages and manifest to ``outdir``,
-    and chain the stages against the original on ``feeds``. Nothing is written when the split is refused."""
+    and chain the stages against the original on ``feeds``. Nothing is written when the split is refused.
+    With ``share_weights`` every initializer is stored once in ``outdir/weights.data`` instead of per stage."""
     outdir = Path(outdir)
     check_outdir(outdir, force)
     seconds = {}
@@ -143,8 +144,19 @@ def split_model(model: ir.Model, model_path: str | Path | None, outdir: str | Pa
     protect = (model_path,) if model_path else ()
     files, stats = [], []
     costs = result.stats.get("stage_costs")
+    shared = None
+    if share_weights:
+        from .split_weights import share_initializers
+
+        shared = share_initializers(stage_models, outdir)
     for stage, staged in zip(plan.stages, stage_models):
-        path = save_model(staged, outdir / f"stage{stage.index}.onnx", protect=protect)
+        target = outdir / f"stage{stage.index}.onnx"
+        if shared:
+            from .split_weights import save_referencing
+
+            path = save_referencing(staged, target)
+        else:
+            path = save_model(staged, target, protect=protect)
         files.append(path.name)
         facts = model_stats(staged)
         stats.append({"nodes": facts.nodes, "params": _param_count(staged), "weight_bytes":
@@ -154,6 +166,8 @@ def split_model(model: ir.Model, model_path: str | Path | None, outdir: str | Pa
               "sha256": file_sha256(Path(model_path)) if model_path else None}
     method = {"pass": spec.text(), **{k: v for k, v in result.stats.items() if k in ("by", "stages")}}
     manifest = manifest_dict(plan, files, types, source, method, stats)
+    if shared:
+        manifest["shared_weights"] = shared
     manifest["_dir"] = str(outdir)
     seconds["export"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -184,7 +198,10 @@ def _param_count(model: ir.Model) -> int:
 
 def _clear_old_split(outdir: Path) -> None:
     """With --force: remove what an earlier split wrote here (stage files, their data, the manifest)."""
-    for path in list(outdir.glob("stage*.onnx")) + list(outdir.glob("stage*.onnx.data")) + [outdir / MANIFEST_NAME]:
+    from .split_weights import WEIGHTS_NAME
+
+    for path in list(outdir.glob("stage*.onnx")) + list(outdir.glob("stage*.onnx.data")) + [
+            outdir / MANIFEST_NAME, outdir / WEIGHTS_NAME]:
         if path.is_file() and not path.is_symlink():
             os.unlink(path)
 

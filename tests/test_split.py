@@ -262,3 +262,27 @@ def test_stitch_back_failure_exits_1(tmp_path, monkeypatch, capsys):
     path = _save(tmp_path, builders.build_cnn, "cnn")
     assert cli.main(["split", str(path), "-o", str(tmp_path / "out"), "--stages", "2"]) == 1
     assert "stitch-back failed" in capsys.readouterr().err
+
+
+def test_share_weights_stores_a_weight_read_by_two_stages_once(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 4)).astype(np.float32)
+    model = ir.from_proto(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["a"]), onnx.helper.make_node("Relu", ["a"], ["r"]),
+         onnx.helper.make_node("MatMul", ["r", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.numpy_helper.from_array(w, "w")]), opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    path = tmp_path / "tied.onnx"
+    ir.save(model, path)
+    copied = api.split(path, tmp_path / "copied", at=["a"])
+    shared = api.split(path, tmp_path / "shared", at=["a"], share_weights=True)
+    assert copied.ok and shared.ok
+    assert shared.manifest["shared_weights"]["tensors"] == 1
+    assert shared.manifest["shared_weights"]["bytes_saved"] == w.nbytes
+    assert (tmp_path / "shared" / "weights.data").stat().st_size == w.nbytes
+    for stage in ("stage0.onnx", "stage1.onnx"):
+        proto = onnx.load(tmp_path / "shared" / stage, load_external_data=False)
+        assert proto.graph.initializer[0].data_location == onnx.TensorProto.EXTERNAL
+        assert (tmp_path / "shared" / stage).stat().st_size < (tmp_path / "copied" / stage).stat().st_size
+    assert api.merge(tmp_path / "shared", tmp_path / "m.onnx").ok
