@@ -182,14 +182,23 @@ def save_model(
             guarded_data = Path(guarded).parent / data_name
             if (directory / data_name).exists() and same_file(directory / data_name, guarded_data):
                 raise UsageError(f"refusing to overwrite {guarded_data}, which the input model reads")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    def write(tmp_name: str) -> None:
         if use_external:
             ir.save(model, tmp_name, external_data=data_name, max_workers=SAVE_WORKERS,
                     max_in_flight_bytes=SAVE_MAX_IN_FLIGHT_BYTES)
         else:
             _save_inline(model, tmp_name)
+
+    return write_atomically(path, write)
+
+
+def write_atomically(path: Path, write) -> Path:
+    """Call ``write(tmp_name)`` on a temporary file beside ``path``, then rename it into place
+    (removed on any failure); the file gets the mode a plain open() would give it."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        write(tmp_name)
         os.chmod(tmp_name, default_file_mode())
         os.replace(tmp_name, path)
     except BaseException:

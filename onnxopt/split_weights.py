@@ -7,13 +7,11 @@ Both files are written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import onnx_ir as ir
 
-from .model_io import default_file_mode
+from .model_io import write_atomically
 
 WEIGHTS_NAME = "weights.data"
 _ALIGN = 64
@@ -26,9 +24,10 @@ def share_initializers(stages: list[ir.Model], outdir: Path, name: str = WEIGHTS
     outdir = Path(outdir)
     placed: dict[str, tuple[int, int]] = {}
     copies = 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=outdir)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp_name: str) -> None:
+        nonlocal copies
+        with open(tmp_name, "wb") as handle:
             offset = 0
             for model in stages:
                 for value in model.graph.initializers.values():
@@ -45,12 +44,8 @@ def share_initializers(stages: list[ir.Model], outdir: Path, name: str = WEIGHTS
                     handle.write(data)
                     placed[value.name] = (offset, len(data))
                     offset += len(data)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, outdir / name)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomically(outdir / name, write)
     for model in stages:
         for value in model.graph.initializers.values():
             tensor = value.const_value
@@ -64,15 +59,8 @@ def share_initializers(stages: list[ir.Model], outdir: Path, name: str = WEIGHTS
 
 def save_referencing(model: ir.Model, path: Path) -> Path:
     """Write a stage whose initializers reference the shared file, atomically, without inlining them."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as handle:
+    def write(tmp_name: str) -> None:
+        with open(tmp_name, "wb") as handle:
             handle.write(ir.to_proto(model).SerializeToString())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return write_atomically(path, write)
