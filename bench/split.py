@@ -58,6 +58,7 @@ def run(models: list[str], repeat: int, samples: int) -> list[dict]:
             worst = max((m.get("max_abs") or 0.0) for m in result.stitch.metrics.values())
             rows.append({"model": name, "by": by, "stages": n, "nodes": sum(s["nodes"] for s in result.manifest["stages"]),
                          "max_over_ideal": round(result.pass_stats["max_over_ideal"], 3),
+                         "order": result.pass_stats.get("order"),
                          "meets_1.1": result.pass_stats["max_over_ideal"] <= 1.1,
                          "split_s": round(statistics.median(times[case]), 2),
                          "stitch_exact": result.stitch.equal, "stitch_max_abs": worst})
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(common.cpu_line())
     rows = run([m for m in args.models.split(",") if m], args.repeat, args.samples)
-    common.print_table(rows, ["model", "by", "stages", "max_over_ideal", "meets_1.1", "split_s", "stitch_exact",
+    common.print_table(rows, ["model", "by", "stages", "max_over_ideal", "order", "meets_1.1", "split_s", "stitch_exact",
                               "stitch_max_abs"])
     misses = [r for r in rows if not r["meets_1.1"] or not r["stitch_exact"]]
     print(f"{len(rows) - len(misses)}/{len(rows)} meet the 1.1x target with exact stitch-back")

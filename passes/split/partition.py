@@ -138,3 +138,28 @@ def _kind_first_order(units, deps, supported, position, kind: bool) -> list[ir.N
             if not waiting[user]:
                 heapq.heappush(ready[supported[user]], (position[user], user))
     return order
+
+
+def depth_first_order(model: ir.Model, units: list[ir.Node]) -> list[ir.Node]:
+    """A topological order that finishes each branch before starting the next: post-order of a
+    depth-first walk from the model's last units back through their producers (graph order breaks ties)."""
+    deps = unit_dependencies(model, units)
+    position = {u: i for i, u in enumerate(units)}
+    has_users = {p for producers in deps.values() for p in producers}
+    seen: set[ir.Node] = set()
+    order: list[ir.Node] = []
+    for root in [u for u in units if u not in has_users] + units:
+        if root in seen:
+            continue
+        seen.add(root)
+        stack = [(root, iter(sorted(deps[root], key=position.__getitem__)))]
+        while stack:
+            node, producers = stack[-1]
+            nxt = next((p for p in producers if p not in seen), None)
+            if nxt is None:
+                stack.pop()
+                order.append(node)
+            else:
+                seen.add(nxt)
+                stack.append((nxt, iter(sorted(deps[nxt], key=position.__getitem__))))
+    return order
