@@ -153,22 +153,3 @@ def _cell(value) -> str:
         return f"{value:.4g}"
     return str(value)
 
-
-def cpu_line() -> str:
-    """The CPU model, core count and the ISA flags that matter for ORT kernels, as one line."""
-    import os
-    import platform
-
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ["sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "neon"]
-    isa = [f for f in wanted if f in flags]
-    return f"CPU: {model}, {os.cpu_count()} cores visible; ISA: {' '.join(isa) or 'unknown'}"

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
-    print(common.cpu_line())
+    for line in common.machine_lines():
+        print(line)
     rows = run([m for m in args.models.split(",") if m], args.repeat, args.samples)
     common.print_table(rows, ["model", "by", "stages", "max_over_ideal", "order", "meets_1.1", "split_s", "stitch_exact",
                               "stitch_max_abs"])
