@@ -19,7 +19,7 @@ from .cleanup import (
 )
 from .prune import DropPrunedInitializersPass, PruneChannelsPass, PruneWeightsPass
 from .quantize import ConvertFloat16Pass, QuantizeDynamicPass, QuantizeStaticPass, QuantizeWeightsPass
-from .share import ClusterWeightsPass, MergeIdenticalWeightsPass
+from .share import ClipWeightsPass, ClusterWeightsPass, MergeIdenticalWeightsPass, MergeSimilarWeightsPass
 from .split import SplitAtTensorsPass, SplitStagesPass, SplitSupportedOpsPass
 
 PASSES: tuple = (
@@ -43,7 +43,9 @@ PASSES: tuple = (
     DropPrunedInitializersPass,
     # share (merge-identical lossless; the others lossy)
     MergeIdenticalWeightsPass,
+    MergeSimilarWeightsPass,
     ClusterWeightsPass,
+    ClipWeightsPass,
     # split (lossless: partition marks only; `onnxopt split` exports the stages)
     SplitAtTensorsPass,
     SplitStagesPass,

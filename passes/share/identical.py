@@ -42,10 +42,11 @@ def _key(weight: Weight, root: int) -> tuple | None:
     return (root, tensor.dtype, tuple(tensor.shape.numpy()), hashlib.sha256(tensor.tobytes()).digest())
 
 
-def merge_into(scopes: Scopes, group: list[Weight], namer: Namer) -> tuple[ir.Value, int]:
-    """Point every reader of the weights in ``group`` at one copy stored where all can read it;
-    returns that value and the bytes saved. The weights must hold the same tensor."""
-    target = scopes.common([w.graph for w in group])
+def merge_into(scopes: Scopes, group: list[Weight], namer: Namer, target=None) -> tuple[ir.Value, int]:
+    """Point every reader of the weights in ``group`` at one copy stored where all can read it
+    (``target``, by default the innermost scope enclosing them all; the first weight's tensor is
+    kept); returns that value and the bytes saved."""
+    target = target if target is not None else scopes.common([w.graph for w in group])
     here = [w for w in group if w.graph is target]
     keeper = min(here, key=lambda w: w.const_node is not None) if here else None
     saved = 0
