@@ -96,7 +96,9 @@ def rank_nodes(float_model: ir.Model, quant_model: ir.Model, feeds, candidates: 
         # node's own share: assume the worst, all of its output noise.
         local[node] = -10.0 * math.log10(added) if added > 0 else out_db
     # Near-ties (within 0.5 dB) go to the earlier node: upstream noise is what flows downstream.
-    ranked = sorted(local.items(), key=lambda kv: (round(kv[1] * 2) / 2, position.get(kv[0], 0)))
+    # (A node whose output is still exact has infinite SNR: it sorts last, unrounded.)
+    ranked = sorted(local.items(), key=lambda kv: (kv[1] if math.isinf(kv[1]) else round(kv[1] * 2) / 2,
+                                                   position.get(kv[0], 0)))
     unranked = [n for n in candidates if n not in local]  # e.g. outputs inside subgraphs
     return ranked + [(n, math.inf) for n in unranked]
 
