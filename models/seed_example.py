@@ -42,7 +42,7 @@ def steps(with_pruning: bool) -> list[Step]:
     base = (CLIP, PRUNE) if with_pruning else (CLIP,)
     rows = [Step("float32, trained", ()),
             Step("clip weights, L2 norm (3 x RMS)", (CLIP,)),
-            Step("clip weights, L1 norm (4 x mean |w|)", ("clip-weights:norm=l1,factor=4,min_elements=0",))]
+            Step("clip weights, L1 norm (4 x mean abs w)", ("clip-weights:norm=l1,factor=4,min_elements=0",))]
     if with_pruning:
         rows += [Step("+ prune 50% (L1), dense", base),
                  Step("+ prune 50%, packed storage", (CLIP, PRUNE.replace("min_elements=0", "min_elements=0,storage=packed,"
