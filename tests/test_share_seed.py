@@ -25,11 +25,14 @@ def test_seed_recipe_validates_and_keeps_the_accuracy(tmp_path):
     result = api.optimize(model, tmp_path / "small.onnx", recipe=seed_example.RECIPES / "seed_mlp.yaml",
                           data=calibration, eval_data=evaluation, budget=seed_example.BUDGET)
     steps = result.report["passes"]
-    assert result.ok and [s["status"] for s in steps] == ["ok", "ok", "ok"]
-    assert [s["modified"] for s in steps] == [True, False, True]  # the MLP has no identical weights
+    assert [s["name"] for s in steps] == ["clip-weights", "prune-weights", "merge-identical-weights",
+                                          "quantize-weights"]
+    assert result.ok and [s["status"] for s in steps] == ["ok"] * 4
+    assert [s["modified"] for s in steps] == [True, True, False, True]  # the MLP has no identical weights
     assert result.output.stat().st_size < 0.25 * model.stat().st_size
     float_accuracy = seed_example.accuracy(model, evaluation, labels)
-    assert seed_example.accuracy(result.output, evaluation, labels) >= float_accuracy - 0.03
+    # half the weights pruned without retraining costs about 2 points, 4-bit pow2 weights 1.5 more
+    assert seed_example.accuracy(result.output, evaluation, labels) >= float_accuracy - 0.05
 
 
 @pytest.mark.slow
