@@ -10,8 +10,6 @@ from saved JSON.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from .html_charts import bar_chart, esc, fmt, line_chart, number
@@ -76,15 +74,9 @@ def page(title: str, subtitle: str, sections: list[str]) -> str:
 
 def write_page(text: str, path: str | Path) -> Path:
     """Write the page atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    from .model_io import default_file_mode
+    from .model_io import write_atomically
 
-    os.chmod(tmp, default_file_mode())
-    os.replace(tmp, path)
-    return path
+    return write_atomically(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def table(headers: list[str], rows: list[list], *, table_id: str | None = None, row_classes: list[str] | None = None,

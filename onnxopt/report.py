@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .reproducer import versions
@@ -61,16 +59,10 @@ def _outputs(roles: dict, budget_text: str) -> dict:
 
 def write_report(report: dict, path: str | Path) -> Path:
     """Write the JSON report atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2, default=str)
-        handle.write("\n")
-    from .model_io import default_file_mode
+    from .model_io import write_atomically
 
-    os.chmod(tmp, default_file_mode())
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(report, indent=2, default=str) + "\n"
+    return write_atomically(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _fmt_metric(metrics: dict | None) -> str:
