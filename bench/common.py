@@ -124,17 +124,27 @@ def max_abs_diff(reference: list[list[np.ndarray]], candidate: list[list[np.ndar
 
 
 def alternated_latency_ms(paths: dict[str, Path], feed: dict, threads: int = 1, rounds: int = 7,
-                          per_round: int = 5) -> dict[str, float]:
-    """Median per-run latency of each model, timing the candidates alternately in one process."""
+                          per_round: int | None = 5, max_per_round: int = 1000,
+                          reference: str = "fp32") -> dict[str, float]:
+    """Median per-run latency (ms) of each model, timing the models in turn in one process; each
+    round rotates which model goes first. ``per_round=None``: as many runs per round as take
+    about 50 ms of the ``reference`` model (the first model when there is none of that name),
+    at most ``max_per_round``."""
     sessions = {name: session(path, threads) for name, path in paths.items()}
     for sess in sessions.values():
-        sess.run(None, feed)
+        for _ in range(2):
+            sess.run(None, feed)
+    if per_round is None:
+        start = time.perf_counter()
+        sessions.get(reference, next(iter(sessions.values()))).run(None, feed)
+        per_round = max(1, min(max_per_round, int(0.05 / max(time.perf_counter() - start, 1e-6))))
     samples: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, sess in sessions.items():
+    order = list(sessions)
+    for index in range(rounds):
+        for name in order[index % len(order):] + order[:index % len(order)]:
             start = time.perf_counter()
             for _ in range(per_round):
-                sess.run(None, feed)
+                sessions[name].run(None, feed)
             samples[name].append((time.perf_counter() - start) * 1000 / per_round)
     return {name: statistics.median(values) for name, values in samples.items()}
 

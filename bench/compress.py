@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -181,7 +180,7 @@ def bench_model(name: str, workdir: Path, calib_count: int, eval_count: int, rou
                 paths[cand] = dst
         rows.append(row)
     base = estimate(src, evaluation[0])
-    latency = alternated_latency(paths, evaluation[0], rounds)
+    latency = common.alternated_latency_ms(paths, evaluation[0], 1, rounds, per_round=None, max_per_round=200)
     reference = common.outputs(src, evaluation)
     for row in rows:
         path = paths.get(row["tool"])
@@ -200,26 +199,6 @@ def bench_model(name: str, workdir: Path, calib_count: int, eval_count: int, rou
             row["agree"] = tasks.task_agreement(task, ref, first)[1]
             row["cosine"] = tasks.cosine(ref, first)
     return rows
-
-
-def alternated_latency(paths: dict[str, Path], feed: dict, rounds: int) -> dict[str, float]:
-    """Median ms per run of each model, 1 thread; every round times all models, rotating who goes first."""
-    sessions = {name: common.session(path, 1) for name, path in paths.items()}
-    for sess in sessions.values():
-        for _ in range(2):
-            sess.run(None, feed)
-    start = time.perf_counter()
-    sessions["fp32"].run(None, feed)
-    per_round = max(1, min(200, int(0.05 / max(time.perf_counter() - start, 1e-6))))
-    samples: dict[str, list[float]] = {name: [] for name in sessions}
-    order = list(sessions)
-    for index in range(rounds):
-        for name in order[index % len(order):] + order[:index % len(order)]:
-            start = time.perf_counter()
-            for _ in range(per_round):
-                sessions[name].run(None, feed)
-            samples[name].append((time.perf_counter() - start) * 1000 / per_round)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 # --- verdicts -----------------------------------------------------------------------------

@@ -50,7 +50,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -347,7 +346,7 @@ def bench_model(name: str, workdir: Path, calib_count: int, eval_count: int, rou
     _fidelity(rows, paths, evaluation, task)
     feed = max(evaluation, key=lambda f: sum(a.size for a in f.values()))
     for threads, column in ((1, "lat1"), (2, "lat2")):
-        ms = alternated_latency(paths, feed, threads, rounds)
+        ms = common.alternated_latency_ms(paths, feed, threads, rounds, per_round=None, max_per_round=1000)
         for row in rows:
             if row["tool"] in ms:
                 row[column] = ms["fp32"] / ms[row["tool"]]
@@ -375,27 +374,6 @@ def _fidelity(rows: list[dict], paths: dict[str, Path], evaluation: list[dict], 
             row["worst_cos"] = tasks.worst_cosine(reference, outputs)
         row["cosine"] = tasks.cosine(reference, outputs)
         row["snr_db"] = tasks.snr_db(reference, outputs)
-
-
-def alternated_latency(paths: dict[str, Path], feed: dict, threads: int, rounds: int) -> dict[str, float]:
-    """Median ms per run of each model; every round times all models one after another."""
-    sessions = {name: common.session(path, threads) for name, path in paths.items()}
-    for sess in sessions.values():
-        for _ in range(2):
-            sess.run(None, feed)
-    start = time.perf_counter()
-    sessions["fp32"].run(None, feed)
-    per_round = max(1, min(1000, int(0.05 / max(time.perf_counter() - start, 1e-6))))
-    samples: dict[str, list[float]] = {name: [] for name in sessions}
-    order = list(sessions)
-    for index in range(rounds):
-        for name in order[index % len(order):] + order[:index % len(order)]:  # rotate who goes first
-            sess = sessions[name]
-            start = time.perf_counter()
-            for _ in range(per_round):
-                sess.run(None, feed)
-            samples[name].append((time.perf_counter() - start) * 1000 / per_round)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 # --- verdicts -----------------------------------------------------------------------------
