@@ -15,8 +15,11 @@ from onnxopt.models import builders
 from onnxopt.tensor_capture import comparable_names, compare_tensors
 
 
-def _pair(tmp_path):
+def _pair(tmp_path, first_node_name: str | None = None):
+    """The MLP and a copy whose fc2 weight is 1.1x (the first node renamed in both if asked)."""
     model = builders.build_mlp()
+    if first_node_name is not None:
+        model.graph.node[0].name = first_node_name
     a = tmp_path / "a.onnx"
     onnx.save(model, a)
     weight = next(t for t in model.graph.initializer if t.name == "fc2_weight")

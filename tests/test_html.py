@@ -8,12 +8,12 @@ import subprocess
 
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from onnxopt import api
 from onnxopt.cli import main
 from onnxopt.html_report import render_diff_page
 from onnxopt.models import builders
+from test_diff import _pair
 
 HOSTILE = '<script>alert("x")</script>&'
 
@@ -51,16 +51,7 @@ def _assert_clean(dom: str, log: str, charts: int) -> None:
 
 
 def _perturbed_pair(tmp_path, hostile_name: bool = False):
-    model = builders.build_mlp()
-    if hostile_name:
-        model.graph.node[0].name = HOSTILE
-    a = tmp_path / "a.onnx"
-    onnx.save(model, a)
-    weight = next(t for t in model.graph.initializer if t.name == "fc2_weight")
-    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.1, "fc2_weight"))
-    b = tmp_path / "b.onnx"
-    onnx.save(model, b)
-    return a, b
+    return _pair(tmp_path, HOSTILE if hostile_name else None)
 
 
 def test_model_strings_are_escaped(tmp_path):
