@@ -134,6 +134,29 @@ def test_drop_folds_matmul_by_zeros_add_of_zeros_and_mul_by_one():
     assert not DropPrunedInitializersPass()(model).modified
 
 
+def test_drop_folds_a_matmul_by_zeros_inside_an_if_body_reading_outer_scope():
+    zeros = numpy_helper.from_array(np.zeros((16, 8), np.float32), "wz")
+    then_body = helper.make_graph([helper.make_node("MatMul", ["x", "wz"], ["t"]), helper.make_node("Relu", ["t"], ["ty"])],
+                                  "then", [], [helper.make_tensor_value_info("ty", TensorProto.FLOAT, (2, 8))], [zeros])
+    slice_args = [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("s0", 0), ("s8", 8), ("s1", 1))]
+    else_body = helper.make_graph([helper.make_node("Slice", ["x", "s0", "s8", "s1"], ["ey"])], "else", [],
+                                  [helper.make_tensor_value_info("ey", TensorProto.FLOAT, (2, 8))], slice_args)
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then_body, else_branch=else_body)], "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, ()), helper.make_tensor_value_info("x", TensorProto.FLOAT, (2, 16))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (2, 8))])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    before = model.clone()
+    result = DropPrunedInitializersPass()(model)
+    assert result.modified and result.stats["matmuls_folded"] == 1
+    body = model.graph.node(0).attributes["then_branch"].value
+    assert "MatMul" not in [n.op_type for n in body] and "wz" not in body.initializers
+    x = RNG.standard_normal((2, 16)).astype(np.float32)
+    for cond in (True, False):
+        assert_same_outputs(before, model, {"c": np.array(cond), "x": x})
+    assert not DropPrunedInitializersPass()(model).modified
+
+
 def test_drop_keeps_a_broadcasting_zero_add_and_a_graph_output():
     model = build([helper.make_node("Add", ["x", "zero"], ["y"])], {"zero": np.zeros((4, 2, 16), np.float32)})
     assert not DropPrunedInitializersPass()(model).modified
