@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import onnx_ir as ir
 
-from . import ort_run
 from .runner import Instrument
 
 
 def median_latency(model: ir.Model, feed: dict[str, np.ndarray], repeat: int = 5) -> float | None:
-    """Median seconds of one run in ORT with its graph optimizations on (as deployed), one thread;
-    None when ORT cannot run the model."""
+    """Median seconds of one run in ORT with its graph optimizations on (as deployed), one thread
+    (:class:`.speed.OrtTimer`); None when ORT cannot run the model."""
+    from .speed import OrtTimer
+
+    names = {v.name for v in model.graph.inputs}
     try:
-        session = ort_run.make_session(model, optimized=True, threads=1)
-        names = {i.name for i in session.get_inputs()}
-        feed = {k: v for k, v in feed.items() if k in names}
-        ort_run.run(session, feed)  # warm-up
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            ort_run.run(session, feed)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        ms = OrtTimer(threads=1, rounds=repeat, per_round=1).latencies(
+            {"model": model}, {k: v for k, v in feed.items() if k in names})
+        return ms["model"] / 1000.0
     except Exception:  # noqa: BLE001 - a debug measurement never fails the run
         return None
 
